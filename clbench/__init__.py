@@ -1,0 +1,3 @@
+"""clbench: continual-learning benchmarks on Avalanche."""
+
+__version__ = "0.1.0"

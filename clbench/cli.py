@@ -1,0 +1,117 @@
+"""Command line: `clbench run`, `clbench list`, `clbench table`.
+
+`main(argv)` is the entry point tests call; it returns the exit code (2 for bad input,
+with a one-line message and no traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+
+import click
+
+from clbench.config import RunConfig, parse_assignments, resolve_config
+from clbench.errors import UserError
+
+
+def config_options(command):
+    """One option per RunConfig field (except hparams), typed and documented from the model."""
+    for name, field in reversed(RunConfig.model_fields.items()):
+        if name == "hparams":
+            continue
+        flag = "--" + name.replace("_", "-")
+        annotation = field.annotation
+        help_text = f"{field.description or name} [default: {field.default}]"
+        if annotation is bool:
+            command = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(command)
+            continue
+        if typing.get_origin(annotation) is typing.Literal:
+            kind = click.Choice(typing.get_args(annotation))
+        else:
+            kind = {int: int, float: float}.get(annotation, str)
+        command = click.option(flag, name, type=kind, default=None, help=help_text)(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """clbench: continual-learning benchmarks (scenarios, strategies, metrics, results)."""
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML file of run options (keys as below, with '_'); command-line options override it")
+@config_options
+@click.option("--hp", "hparams", multiple=True, metavar="KEY=VALUE",
+              help="strategy hyperparameter, repeatable (see `clbench list`); unknown keys are errors")
+@click.option("--overwrite", is_flag=True, help="replace a finished run with the same scenario/setting/strategy/seed")
+def run(config_file, hparams, overwrite, **options):
+    """Train a strategy task after task on a scenario and write its results folder."""
+    from clbench.runner import run as run_experiment  # imports torch and Avalanche: only when needed
+
+    cfg = resolve_config(config_file, {**options, "hparams": parse_assignments(hparams)})
+    run_dir = run_experiment(cfg, overwrite=overwrite)
+    click.echo(f"finished: {run_dir}")
+
+
+@cli.command(name="list")
+def list_command():
+    """Show the registered strategies (settings, hyperparameters) and scenarios."""
+    from clbench.datasets import SCENARIOS
+    from clbench.registry import load_strategies
+
+    click.echo("Strategies:")
+    for name, strategy in load_strategies().items():
+        click.echo(f"  {name:<8} [{', '.join(strategy.settings)}] {strategy.summary()}")
+        for hp_name, field in strategy.Hparams.model_fields.items():
+            choices = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else ()
+            kind = "|".join(choices) if choices else field.annotation.__name__
+            click.echo(f"      {hp_name}: {kind} = {field.default!r}  {field.description or ''}")
+    click.echo("Scenarios:")
+    for spec in SCENARIOS.values():
+        shape = "x".join(map(str, spec.input_shape))
+        click.echo(f"  {spec.name:<17} {spec.n_tasks} tasks, {spec.n_classes} classes, input {shape}: {spec.description}")
+
+
+@cli.command()
+@click.argument("results_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", type=click.Path(dir_okay=False), help="also write the Markdown table to this file")
+def table(results_dir, output):
+    """Final metrics of every finished run under RESULTS_DIR as a Markdown table."""
+    from clbench.results import load_finished_runs
+
+    runs, unfinished = load_finished_runs(results_dir)
+    if runs.empty:
+        raise UserError(f"no finished runs under {results_dir}")
+    columns = [c for c in ("scenario", "setting", "strategy", "seed", "epochs", "average_accuracy",
+                           "task_aware_average_accuracy", "average_forgetting", "backward_transfer",
+                           "forward_transfer", "train_time_s", "parameters") if c in runs]
+    text = runs[columns].sort_values(["scenario", "setting", "strategy", "seed"]).to_markdown(index=False, floatfmt=".3f")
+    click.echo(text)
+    for run_dir in unfinished:
+        click.echo(f"not finished (left out): {run_dir}", err=True)
+    if output:
+        with open(output, "w") as handle:
+            handle.write(text + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="clbench", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as error:
+        error.show()
+        return error.exit_code
+    except click.Abort:
+        click.echo("aborted", err=True)
+        return 1
+    except UserError as error:
+        click.echo(f"clbench: error: {error}", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Run folders: `<results_dir>/<scenario>/<setting>/<strategy>/seed<N>/`.
+
+Every file is written atomically (temporary file, then rename) and `COMPLETED` is
+written last, so a folder without it is an interrupted run, never a finished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from clbench import metrics, plots
+from clbench.config import RunConfig
+from clbench.errors import UserError
+
+COMPLETED = "COMPLETED"
+PACKAGES = ("clbench", "torch", "torchvision", "avalanche-lib", "numpy", "pandas", "matplotlib", "pydantic")
+
+
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.results_dir) / cfg.scenario / cfg.setting / cfg.strategy / f"seed{cfg.seed}"
+
+
+def start_run(cfg: RunConfig, overwrite: bool) -> Path:
+    """Create an empty run folder; a finished run is only replaced when `overwrite`."""
+    run_dir = run_dir_of(cfg)
+    if (run_dir / COMPLETED).exists() and not overwrite:
+        raise UserError(f"{run_dir} holds a finished run; pass --overwrite to replace it or choose another --results-dir")
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an interrupted run, or a finished one being replaced
+    run_dir.mkdir(parents=True)
+    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    return run_dir
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    temporary = path.with_name(f".{path.name}.partial")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def accuracy_table(matrix: np.ndarray) -> pd.DataFrame:
+    """Row i: after training task i; column j: task j (1-based names)."""
+    tasks = [f"task_{j + 1}" for j in range(matrix.shape[1])]
+    return pd.DataFrame(matrix, columns=tasks, index=pd.Index(range(1, len(matrix) + 1), name="after_task"))
+
+
+def git_commit() -> str | None:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}{'+dirty' if dirty else ''}" if commit else None
+
+
+def environment(cfg: RunConfig, started: float, source: str) -> dict:
+    return {
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "data_source": source,
+        "command": sys.argv,
+        "git_commit": git_commit(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "packages": {name: metadata.version(name) for name in PACKAGES},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.ndarray],
+              before_training: dict[str, np.ndarray], costs: dict, started: float) -> None:
+    write_text(run_dir / "tasks.csv", "task,classes\n" + "".join(
+        f"{j + 1},\"{' '.join(map(str, classes))}\"\n" for j, classes in enumerate(scenario.task_classes)))
+    tables = []
+    for key, matrix in matrices.items():
+        name = "accuracy_matrix.csv" if key == "accuracy" else f"{key.replace('_accuracy', '')}_accuracy_matrix.csv"
+        atomic_write(run_dir / name, lambda p, m=matrix: accuracy_table(m).to_csv(p, float_format="%.6f"))
+        tables.append(metrics.tidy_metrics(matrix, before_training[key], prefix=key.removesuffix("accuracy")))
+    last = len(costs["train_time_s"])
+    tables.append(pd.DataFrame(
+        [(name, step + 1, None, value) for name in ("train_time_s", "eval_time_s") for step, value in enumerate(costs[name])]
+        + [(name, last, None, costs[name]) for name in ("parameters", "model_size_bytes")],
+        columns=["metric", "step", "task", "value"]).astype({"task": "Int64"}))
+    atomic_write(run_dir / "metrics.csv", lambda p: pd.concat(tables, ignore_index=True).to_csv(p, index=False))
+    write_text(run_dir / "environment.json", json.dumps(environment(cfg, started, scenario.source), indent=2))
+    title = f"{cfg.strategy} on {cfg.scenario}, {cfg.setting}-incremental, seed {cfg.seed}"
+    atomic_write(run_dir / "accuracy_matrix.png", lambda p: plots.accuracy_heatmap(matrices["accuracy"], scenario.task_classes, title, p))
+    atomic_write(run_dir / "task_accuracy.png", lambda p: plots.task_accuracy_curves(matrices["accuracy"], title, p))
+    write_text(run_dir / COMPLETED, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
+
+
+def load_finished_runs(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
+    """Final-step metrics of every finished run under `root` (one row per run, with its
+    config), and the run folders that are not finished."""
+    rows, unfinished = [], []
+    for config_path in sorted(Path(root).rglob("config.yaml")):
+        run_dir = config_path.parent
+        if not (run_dir / COMPLETED).exists():
+            unfinished.append(run_dir)
+            continue
+        cfg = yaml.safe_load(config_path.read_text())
+        table = pd.read_csv(run_dir / "metrics.csv")
+        final = table[table.step == table.step.max()]
+        row = {key: cfg[key] for key in ("scenario", "setting", "strategy", "seed", "epochs")}
+        row.update(final[final.task.isna()].groupby("metric").value.first())
+        for name in ("train_time_s", "eval_time_s"):
+            row[name] = table[table.metric == name].value.sum()
+        rows.append(row)
+    return pd.DataFrame(rows), unfinished

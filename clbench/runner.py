@@ -1,0 +1,132 @@
+"""One run: build the scenario, train a strategy task after task, evaluate every task
+after every task, write the results folder."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models.utils import avalanche_forward
+from avalanche.training.determinism.rng_manager import RNGManager
+from avalanche.training.plugins import EvaluationPlugin
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from clbench import results
+from clbench.config import RunConfig
+from clbench.datasets import Scenario, build_scenario
+from clbench.errors import UserError
+from clbench.models import build_model, model_size_bytes, parameter_count
+from clbench.registry import TrainingLoop, get_strategy
+
+
+# clbench evaluates with its own loop; Avalanche's evaluator is deliberately given no logger.
+warnings.filterwarnings("ignore", message="No loggers specified")
+
+
+class ProgressBar(SupervisedPlugin):
+    """A tqdm bar per training epoch (shown only on a terminal)."""
+
+    def __init__(self):
+        super().__init__()
+        self.task = 0
+
+    def before_training_epoch(self, strategy, **kwargs):
+        self.bar = tqdm(total=len(strategy.dataloader), leave=False, disable=None,
+                        desc=f"train task {self.task} epoch {strategy.clock.train_exp_epochs + 1}/{strategy.train_epochs}")
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.bar.set_postfix(loss=f"{strategy.loss.item():.3f}", refresh=False)
+        self.bar.update()
+
+    def after_training_epoch(self, strategy, **kwargs):
+        self.bar.close()
+
+
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, scenario: Scenario, batch_size: int, device: str) -> dict[str, np.ndarray]:
+    """Accuracy on every test task. In the class setting also the task-aware accuracy:
+    the prediction restricted to the classes of the sample's own task."""
+    model.eval()
+    n_classes = scenario.spec.n_classes
+    accuracy, task_aware = [], []
+    for experience, classes in zip(tqdm(scenario.benchmark.test_stream, desc="evaluate", leave=False, disable=None),
+                                   scenario.task_classes):
+        classes = torch.tensor(classes, device=device)
+        correct = correct_task_aware = seen = 0
+        for x, y, t in DataLoader(experience.dataset.eval(), batch_size=batch_size):
+            x, y, t = x.to(device), y.to(device), t.to(device)
+            logits = avalanche_forward(model, x, t)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            if scenario.setting == "class":
+                # Some classifiers (iCaRL's nearest-mean) only score the classes seen so far.
+                logits = torch.nn.functional.pad(logits, (0, n_classes - logits.shape[1]), value=-torch.inf)
+                correct_task_aware += (classes[logits[:, classes].argmax(1)] == y).sum().item()
+        accuracy.append(correct / seen)
+        task_aware.append(correct_task_aware / seen)
+    out = {"accuracy": np.array(accuracy)}
+    if scenario.setting == "class":
+        out["task_aware_accuracy"] = np.array(task_aware)
+    return out
+
+
+def run(cfg: RunConfig, overwrite: bool = False) -> Path:
+    """Train and evaluate one configuration; returns the finished run folder."""
+    strategy_cls = get_strategy(cfg.strategy)
+    if cfg.setting not in strategy_cls.settings:
+        raise UserError(f"strategy {cfg.strategy!r} supports only the {' and '.join(strategy_cls.settings)} "
+                        f"setting; got setting {cfg.setting!r}")
+    hparams = strategy_cls.parse_hparams(cfg.hparams)
+    resolved = cfg.model_copy(update={"hparams": hparams.model_dump()})
+    run_dir = results.start_run(resolved, overwrite)
+    started = time.time()
+
+    scenario = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes)
+    RNGManager.set_random_seeds(cfg.seed)
+    make_model = partial(build_model, cfg.backbone, cfg.width, scenario.spec.input_shape[0], cfg.setting,
+                         scenario.task_classes, scenario.spec.n_classes)
+    progress = ProgressBar()
+    loop = TrainingLoop(optimizer=partial(make_optimizer, cfg), criterion=torch.nn.CrossEntropyLoss(),
+                        train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size,
+                        device=cfg.device, plugins=[progress], evaluator=partial(EvaluationPlugin, loggers=[]))
+    evaluate_all = partial(evaluate, scenario=scenario, batch_size=cfg.eval_batch_size, device=cfg.device)
+
+    model = make_model()
+    before_training = evaluate_all(model)
+    strategy = strategy_cls().build(model, hparams, loop)
+    train_stream = scenario.benchmark.train_stream
+    after_each_task, train_times, eval_times = [], [], []
+    for index, experience in enumerate(train_stream):
+        progress.task = index + 1
+        start = time.perf_counter()
+        if strategy_cls.retrain_from_scratch:
+            strategy = strategy_cls().build(make_model(), hparams, loop)
+            strategy.train(train_stream[: index + 1])
+        else:
+            strategy.train(experience)
+        train_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        after_each_task.append(evaluate_all(strategy.model))
+        eval_times.append(time.perf_counter() - start)
+
+    results.write_run(
+        run_dir, resolved, scenario,
+        matrices={key: np.stack([row[key] for row in after_each_task]) for key in before_training},
+        before_training=before_training,
+        costs={"train_time_s": train_times, "eval_time_s": eval_times,
+               "parameters": parameter_count(strategy.model), "model_size_bytes": model_size_bytes(strategy.model)},
+        started=started,
+    )
+    return run_dir

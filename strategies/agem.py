@@ -1,0 +1,20 @@
+from avalanche.training import AGEM as AvalancheAGEM
+from pydantic import Field
+
+from clbench.registry import Hyperparameters, Strategy, register
+
+
+@register
+class AGEM(Strategy):
+    """Averaged gradient episodic memory (Chaudhry et al. 2019); Avalanche's AGEM."""
+
+    name = "agem"
+
+    class Hparams(Hyperparameters):
+        patterns_per_exp: int = Field(100, gt=0, description="examples stored per task (5 tasks: 500 in total)")
+        sample_size: int = Field(256, gt=0, description="memory examples drawn for each reference gradient")
+
+    def build(self, model, hp, loop):
+        return AvalancheAGEM(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion,
+                             patterns_per_exp=hp.patterns_per_exp, sample_size=hp.sample_size,
+                             **loop.template_kwargs())

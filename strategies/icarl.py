@@ -1,0 +1,22 @@
+from avalanche.training import ICaRL as AvalancheICaRL
+from pydantic import Field
+
+from clbench.registry import Hyperparameters, Strategy, register
+
+
+@register
+class ICaRL(Strategy):
+    """iCaRL (Rebuffi et al. 2017): herding exemplars, distillation, nearest-mean-of-exemplars
+    classification; Avalanche's ICaRL (its own sigmoid loss; the run's criterion is unused)."""
+
+    name = "icarl"
+    settings = ("class",)
+
+    class Hparams(Hyperparameters):
+        memory_size: int = Field(500, gt=0, description="exemplars stored in total")
+        fixed_memory: bool = Field(True, description="True: memory_size shared by all classes; False: per class")
+
+    def build(self, model, hp, loop):
+        return AvalancheICaRL(feature_extractor=model.features, classifier=model.head,
+                              optimizer=loop.optimizer(model), memory_size=hp.memory_size,
+                              buffer_transform=None, fixed_memory=hp.fixed_memory, **loop.template_kwargs())
