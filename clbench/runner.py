@@ -90,20 +90,20 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
                         f"setting; got setting {cfg.setting!r}")
     hparams = strategy_cls.parse_hparams(cfg.hparams)
     resolved = cfg.model_copy(update={"hparams": hparams.model_dump()})
-    run_dir = results.start_run(resolved, overwrite)
-    started = time.time()
-
     scenario = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes)
     RNGManager.set_random_seeds(cfg.seed)
     make_model = partial(build_model, cfg.backbone, cfg.width, scenario.spec.input_shape[0], cfg.setting,
                          scenario.task_classes, scenario.spec.n_classes)
+    model = make_model()
+    # Only now, with every input checked, does a run folder appear.
+    run_dir = results.start_run(resolved, overwrite)
+    started = time.time()
     progress = ProgressBar()
     loop = TrainingLoop(optimizer=partial(make_optimizer, cfg), criterion=torch.nn.CrossEntropyLoss(),
                         train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size,
                         device=cfg.device, plugins=[progress], evaluator=partial(EvaluationPlugin, loggers=[]))
     evaluate_all = partial(evaluate, scenario=scenario, batch_size=cfg.eval_batch_size, device=cfg.device)
 
-    model = make_model()
     before_training = evaluate_all(model)
     strategy = strategy_cls().build(model, hparams, loop)
     train_stream = scenario.benchmark.train_stream

@@ -107,7 +107,7 @@ def load_mnist(root: Path) -> tuple[Dataset, Dataset, str]:
         )
     try:
         train, test = (MNIST(str(root), train=flag, download=bool(missing)) for flag in (True, False))
-    except (RuntimeError, ValueError, OSError) as error:
+    except Exception as error:  # torchvision signals bad files with assertions, ValueErrors, ...
         raise UserError(f"MNIST files in {raw} are unreadable or corrupt ({error}); delete them and download again") from None
     return mnist_tensors(train.data, train.targets), mnist_tensors(test.data, test.targets), f"MNIST, full ({raw})"
 

@@ -1,0 +1,119 @@
+"""The command line end to end: the quickstart run, `list`, and bad input (exit code 2,
+one line, no traceback)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from clbench.cli import main
+from clbench.registry import load_strategies
+
+
+def test_quickstart_run_writes_a_complete_results_folder(tmp_path):
+    assert main(["run", "--scenario", "split_mnist_mini", "--strategy", "naive", "--setting", "class",
+                 "--results-dir", str(tmp_path)]) == 0
+    run_dir = tmp_path / "split_mnist_mini" / "class" / "naive" / "seed0"
+    expected = {"config.yaml", "tasks.csv", "accuracy_matrix.csv", "task_aware_accuracy_matrix.csv", "metrics.csv",
+                "environment.json", "accuracy_matrix.png", "task_accuracy.png", "COMPLETED"}
+    assert expected == {p.name for p in run_dir.iterdir()}
+    matrix = pd.read_csv(run_dir / "accuracy_matrix.csv")
+    assert list(matrix.columns) == ["after_task"] + [f"task_{j}" for j in range(1, 6)]
+    assert matrix.after_task.tolist() == [1, 2, 3, 4, 5]
+    task_aware = pd.read_csv(run_dir / "task_aware_accuracy_matrix.csv", index_col="after_task")
+    # Knowing the task can only help: restricting the prediction to the task's classes.
+    assert (task_aware.to_numpy() >= matrix.set_index("after_task").to_numpy() - 1e-9).all()
+    table = pd.read_csv(run_dir / "metrics.csv")
+    assert {"accuracy", "average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer",
+            "task_aware_average_accuracy", "train_time_s", "eval_time_s", "parameters"} <= set(table.metric)
+    assert (run_dir / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    # The saved config repeats the run: it resolves to the same configuration.
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["strategy"] == "naive" and saved["hparams"] == {}
+
+
+def test_finished_run_is_not_overwritten_silently(tiny_scenario, tmp_path, capsys):
+    args = ["run", "--scenario", tiny_scenario, "--results-dir", str(tmp_path)]
+    assert main(args) == 0
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+
+
+def test_config_file_with_command_line_overrides(tiny_scenario, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"scenario": tiny_scenario, "strategy": "ewc", "seed": 3,
+                                      "hparams": {"ewc_lambda": 5.0, "mode": "separate"}}))
+    assert main(["run", "--config", str(config), "--seed", "4", "--hp", "ewc_lambda=7",
+                 "--results-dir", str(tmp_path / "out")]) == 0
+    saved = yaml.safe_load((tmp_path / "out" / tiny_scenario / "task" / "ewc" / "seed4" / "config.yaml").read_text())
+    assert saved["seed"] == 4
+    assert saved["hparams"] == {"ewc_lambda": 7.0, "mode": "separate", "decay_factor": 0.9}
+
+
+def test_same_seed_same_accuracy_matrix(tiny_scenario, tmp_path):
+    for name in ("a", "b"):
+        assert main(["run", "--scenario", tiny_scenario, "--strategy", "lwf", "--seed", "1",
+                     "--results-dir", str(tmp_path / name)]) == 0
+    a, b = ((tmp_path / n / tiny_scenario / "task" / "lwf" / "seed1" / "accuracy_matrix.csv").read_text() for n in "ab")
+    assert a == b
+
+
+def test_list_shows_strategies_settings_hyperparameters_and_scenarios(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in load_strategies():
+        assert f"  {name} " in out
+    assert "ewc_lambda: float = 1000.0" in out
+    assert "icarl    [class]" in out
+    assert "split_mnist_mini" in out and "split_mnist " in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--scenario", "nope"], "unknown scenario 'nope'"),
+    (["--strategy", "nope"], "unknown strategy 'nope'"),
+    (["--strategy", "ewc", "--hp", "lambda=3"], "lambda: Extra inputs are not permitted"),
+    (["--strategy", "ewc", "--hp", "ewc_lambda=-1"], "ewc_lambda: Input should be greater than or equal to 0"),
+    (["--strategy", "ewc", "--hp", "mode=sometimes"], "mode: Input should be 'separate' or 'online'"),
+    (["--strategy", "icarl", "--setting", "task"], "supports only the class setting"),
+    (["--lr", "0"], "lr: Input should be greater than 0"),
+    (["--backbone", "resnet1000"], "unknown backbone 'resnet1000'"),
+    (["--hp", "no-equals-sign"], "--hp expects KEY=VALUE"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
+    assert main(["run", "--results-dir", str(tmp_path)] + args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
+def test_bad_input_leaves_no_run_folder_marked_complete(tmp_path):
+    assert main(["run", "--backbone", "nope", "--results-dir", str(tmp_path)]) == 2
+    assert not list(tmp_path.rglob("COMPLETED"))
+
+
+def test_click_usage_errors_exit_2(capsys):
+    assert main(["run", "--setting", "both"]) == 2
+    assert main(["run", "--epochs", "many"]) == 2
+
+
+def test_missing_data_offline_in_a_fresh_process(tmp_path):
+    """Exit code 2, one line naming the files, no traceback (network forced unreachable)."""
+    code = ("import sys, clbench.datasets as d; d.network_reachable = lambda url, timeout=3.0: False;"
+            "from clbench.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", code, "run", "--scenario", "split_mnist", "--data-root",
+                           str(tmp_path), "--results-dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.startswith("clbench: error")]
+    assert len(lines) == 1 and "train-images-idx3-ubyte" in lines[0] and "--data-root" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_console_script_unknown_strategy(tmp_path):
+    clbench = Path(sys.executable).parent / "clbench"
+    done = subprocess.run([str(clbench), "run", "--strategy", "nope", "--results-dir", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "unknown strategy 'nope'" in done.stderr
