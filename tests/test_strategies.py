@@ -16,7 +16,7 @@ CASES = [(name, setting) for name, strategy in load_strategies().items() for set
 @pytest.mark.slow
 @pytest.mark.parametrize("name,setting", CASES, ids=[f"{n}-{s}" for n, s in CASES])
 def test_strategy_runs_and_learns(name, setting, tiny_scenario, tmp_path):
-    run_dir = run(RunConfig(scenario=tiny_scenario, strategy=name, setting=setting, epochs=2, batch_size=16,
+    run_dir = run(RunConfig(scenario=tiny_scenario, strategy=name, setting=setting, epochs=2, batch_size=32,
                             results_dir=str(tmp_path)))
     assert (run_dir / "COMPLETED").exists()
     matrix = pd.read_csv(run_dir / "accuracy_matrix.csv", index_col="after_task").to_numpy()
