@@ -51,3 +51,7 @@ def task_accuracy_curves(matrix: np.ndarray, title: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
+
+
+# Figures for the extra tables a strategy saves (`artifacts()`), by table name.
+ARTIFACT_PLOTS = {}

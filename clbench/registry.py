@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from clbench.errors import UserError, describe_validation_error
+from clbench.models import build_model
 
 
 class Hyperparameters(BaseModel):
@@ -57,7 +58,16 @@ class Strategy:
     retrain_from_scratch: ClassVar[bool] = False
 
     def build(self, model: torch.nn.Module, hp: Hyperparameters, loop: TrainingLoop):
+        """The trainer: an object with `train(experience)` and `model` (an Avalanche
+        template). It may also have `artifacts()`, returning named tables to save with
+        the run (see `clbench.results`)."""
         raise NotImplementedError
+
+    @classmethod
+    def make_model(cls, hp: Hyperparameters, backbone: str, width: int, in_channels: int, setting: str,
+                   task_classes: list[list[int]], n_classes: int) -> torch.nn.Module:
+        """The network this strategy trains; strategies with their own architecture override it."""
+        return build_model(backbone, width, in_channels, setting, task_classes, n_classes)
 
     @classmethod
     def summary(cls) -> str:

@@ -96,17 +96,22 @@ def environment(cfg: RunConfig, started: float, source: str) -> dict:
 
 
 def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.ndarray],
-              before_training: dict[str, np.ndarray], costs: dict, started: float) -> None:
+              before_training: dict[str, np.ndarray], costs: dict, artifacts: dict[str, pd.DataFrame],
+              started: float) -> None:
     write_text(run_dir / "tasks.csv", "task,classes\n" + "".join(
         f"{j + 1},\"{' '.join(map(str, classes))}\"\n" for j, classes in enumerate(scenario.task_classes)))
     tables = []
     for key, matrix in matrices.items():
-        name = "accuracy_matrix.csv" if key == "accuracy" else f"{key.replace('_accuracy', '')}_accuracy_matrix.csv"
-        atomic_write(run_dir / name, lambda p, m=matrix: accuracy_table(m).to_csv(p, float_format="%.6f"))
-        tables.append(metrics.tidy_metrics(matrix, before_training[key], prefix=key.removesuffix("accuracy")))
+        atomic_write(run_dir / f"{key}_matrix.csv", lambda p, m=matrix: accuracy_table(m).to_csv(p, float_format="%.6f"))
+        if key != "executed_macs":
+            tables.append(metrics.tidy_metrics(matrix, before_training[key], prefix=key.removesuffix("accuracy")))
     last = len(costs["train_time_s"])
+    macs = matrices["executed_macs"]
     tables.append(pd.DataFrame(
         [(name, step + 1, None, value) for name in ("train_time_s", "eval_time_s") for step, value in enumerate(costs[name])]
+        + [("executed_macs", step + 1, j + 1, macs[step, j]) for step in range(last) for j in range(last)]
+        # Per step, the mean over the tasks learned so far.
+        + [("executed_macs", step + 1, None, macs[step, : step + 1].mean()) for step in range(last)]
         + [(name, last, None, costs[name]) for name in ("parameters", "model_size_bytes")],
         columns=["metric", "step", "task", "value"]).astype({"task": "Int64"}))
     atomic_write(run_dir / "metrics.csv", lambda p: pd.concat(tables, ignore_index=True).to_csv(p, index=False))
@@ -114,6 +119,10 @@ def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.nd
     title = f"{cfg.strategy} on {cfg.scenario}, {cfg.setting}-incremental, seed {cfg.seed}"
     atomic_write(run_dir / "accuracy_matrix.png", lambda p: plots.accuracy_heatmap(matrices["accuracy"], scenario.task_classes, title, p))
     atomic_write(run_dir / "task_accuracy.png", lambda p: plots.task_accuracy_curves(matrices["accuracy"], title, p))
+    for name, frame in artifacts.items():
+        atomic_write(run_dir / f"{name}.csv", lambda p, f=frame: f.to_csv(p, index=False))
+        if name in plots.ARTIFACT_PLOTS:
+            atomic_write(run_dir / f"{name}.png", lambda p, f=frame, n=name: plots.ARTIFACT_PLOTS[n](f, title, p))
     write_text(run_dir / COMPLETED, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
 
 

@@ -15,13 +15,14 @@ from avalanche.models.utils import avalanche_forward
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from clbench import results
 from clbench.config import RunConfig
 from clbench.datasets import Scenario, build_scenario
 from clbench.errors import UserError
-from clbench.models import build_model, model_size_bytes, parameter_count
+from clbench.models import model_size_bytes, parameter_count
 from clbench.registry import TrainingLoop, get_strategy
 
 
@@ -54,31 +55,55 @@ def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimi
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
+def dense_macs(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:
+    """Multiply-accumulates of one forward pass per sample, counted by PyTorch's FLOP counter."""
+    with FlopCounterMode(display=False) as counter:
+        avalanche_forward(model, x, t)
+    return counter.get_total_flops() / 2 / len(x)
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, scenario: Scenario, batch_size: int, device: str) -> dict[str, np.ndarray]:
-    """Accuracy on every test task. In the class setting also the task-aware accuracy:
-    the prediction restricted to the classes of the sample's own task."""
+    """Per test task: accuracy and executed MACs per sample. In the class setting also
+    the task-aware accuracy (the prediction restricted to the classes of the sample's own
+    task) and the task-inference accuracy (the predicted class lies in the sample's task).
+
+    A model whose cost depends on its input (gated networks) reports it by setting
+    `executed_macs` (one value per sample) in its forward pass; for every other model
+    the dense count applies."""
     model.eval()
     n_classes = scenario.spec.n_classes
-    accuracy, task_aware = [], []
+    accuracy, task_aware, task_inference, macs = [], [], [], []
+    dense = None
     for experience, classes in zip(tqdm(scenario.benchmark.test_stream, desc="evaluate", leave=False, disable=None),
                                    scenario.task_classes):
         classes = torch.tensor(classes, device=device)
-        correct = correct_task_aware = seen = 0
+        correct = correct_task_aware = correct_task = seen = executed = 0
         for x, y, t in DataLoader(experience.dataset.eval(), batch_size=batch_size):
             x, y, t = x.to(device), y.to(device), t.to(device)
             logits = avalanche_forward(model, x, t)
-            correct += (logits.argmax(1) == y).sum().item()
+            if hasattr(model, "executed_macs"):
+                executed += model.executed_macs.sum().item()
+            else:
+                dense = dense_macs(model, x[:1], t[:1]) if dense is None else dense
+                executed += dense * len(y)
+            predicted = logits.argmax(1)
+            correct += (predicted == y).sum().item()
             seen += len(y)
             if scenario.setting == "class":
+                correct_task += torch.isin(predicted, classes).sum().item()
                 # Some classifiers (iCaRL's nearest-mean) only score the classes seen so far.
                 logits = torch.nn.functional.pad(logits, (0, n_classes - logits.shape[1]), value=-torch.inf)
                 correct_task_aware += (classes[logits[:, classes].argmax(1)] == y).sum().item()
         accuracy.append(correct / seen)
         task_aware.append(correct_task_aware / seen)
+        task_inference.append(correct_task / seen)
+        macs.append(executed / seen)
     out = {"accuracy": np.array(accuracy)}
     if scenario.setting == "class":
         out["task_aware_accuracy"] = np.array(task_aware)
+        out["task_inference_accuracy"] = np.array(task_inference)
+    out["executed_macs"] = np.array(macs)
     return out
 
 
@@ -92,7 +117,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
     resolved = cfg.model_copy(update={"hparams": hparams.model_dump()})
     scenario = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes)
     RNGManager.set_random_seeds(cfg.seed)
-    make_model = partial(build_model, cfg.backbone, cfg.width, scenario.spec.input_shape[0], cfg.setting,
+    make_model = partial(strategy_cls.make_model, hparams, cfg.backbone, cfg.width, scenario.spec.input_shape[0], cfg.setting,
                          scenario.task_classes, scenario.spec.n_classes)
     model = make_model()
     # Only now, with every input checked, does a run folder appear.
@@ -127,6 +152,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
         before_training=before_training,
         costs={"train_time_s": train_times, "eval_time_s": eval_times,
                "parameters": parameter_count(strategy.model), "model_size_bytes": model_size_bytes(strategy.model)},
+        artifacts=strategy.artifacts() if hasattr(strategy, "artifacts") else {},
         started=started,
     )
     return run_dir

@@ -17,8 +17,8 @@ def test_quickstart_run_writes_a_complete_results_folder(tmp_path):
     assert main(["run", "--scenario", "split_mnist_mini", "--strategy", "naive", "--setting", "class",
                  "--results-dir", str(tmp_path)]) == 0
     run_dir = tmp_path / "split_mnist_mini" / "class" / "naive" / "seed0"
-    expected = {"config.yaml", "tasks.csv", "accuracy_matrix.csv", "task_aware_accuracy_matrix.csv", "metrics.csv",
-                "environment.json", "accuracy_matrix.png", "task_accuracy.png", "COMPLETED"}
+    expected = {"config.yaml", "tasks.csv", "accuracy_matrix.csv", "task_aware_accuracy_matrix.csv",
+                "task_inference_accuracy_matrix.csv", "executed_macs_matrix.csv", "metrics.csv", "environment.json", "accuracy_matrix.png", "task_accuracy.png", "COMPLETED"}
     assert expected == {p.name for p in run_dir.iterdir()}
     matrix = pd.read_csv(run_dir / "accuracy_matrix.csv")
     assert list(matrix.columns) == ["after_task"] + [f"task_{j}" for j in range(1, 6)]
@@ -26,6 +26,12 @@ def test_quickstart_run_writes_a_complete_results_folder(tmp_path):
     task_aware = pd.read_csv(run_dir / "task_aware_accuracy_matrix.csv", index_col="after_task")
     # Knowing the task can only help: restricting the prediction to the task's classes.
     assert (task_aware.to_numpy() >= matrix.set_index("after_task").to_numpy() - 1e-9).all()
+    # A correct prediction is always in the right task.
+    task_inference = pd.read_csv(run_dir / "task_inference_accuracy_matrix.csv", index_col="after_task")
+    assert (task_inference.to_numpy() >= matrix.set_index("after_task").to_numpy() - 1e-9).all()
+    # The small CNN (width 32) on 28x28: two 3x3 convs, a 1568->128 and a 128->10 layer.
+    macs = pd.read_csv(run_dir / "executed_macs_matrix.csv", index_col="after_task").to_numpy()
+    assert (macs == 9 * 32 * 28**2 + 9 * 32 * 32 * 14**2 + 1568 * 128 + 128 * 10).all()
     table = pd.read_csv(run_dir / "metrics.csv")
     assert {"accuracy", "average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer",
             "task_aware_average_accuracy", "train_time_s", "eval_time_s", "parameters"} <= set(table.metric)
