@@ -1,4 +1,5 @@
-"""Per-run figures (PNG): the accuracy matrix as a heatmap and per-task accuracy curves."""
+"""Per-run figures (PNG): the accuracy matrix as a heatmap, per-task accuracy curves, and
+figures of the extra tables some strategies save (gate and kernel usage)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 
 def accuracy_heatmap(matrix: np.ndarray, task_classes: list[list[int]], title: str, path: Path) -> None:
@@ -53,5 +55,36 @@ def task_accuracy_curves(matrix: np.ndarray, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def _layer_by_task_heatmap(values: pd.DataFrame, colorbar: str, xlabel: str, title: str, path: Path) -> None:
+    """Rows: layers (network order); columns: tasks; cells: percentages."""
+    fig, ax = plt.subplots(figsize=(1.0 * values.shape[1] + 3, 0.35 * len(values) + 1.8))
+    image = ax.imshow(100 * values.to_numpy(), vmin=0, vmax=100, cmap="viridis", aspect="auto")
+    for i in range(len(values)):
+        for j in range(values.shape[1]):
+            value = 100 * values.iat[i, j]
+            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8, color="black" if value > 60 else "white")
+    ax.set_xticks(range(values.shape[1]), [str(c) for c in values.columns])
+    ax.set_yticks(range(len(values)), values.index)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label=colorbar)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
+def gate_usage_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
+    """Mean gate firing rate of each task's path per layer (averaged over its classes)."""
+    values = table.pivot_table(index="layer", columns="task", values="firing_rate", sort=False)
+    _layer_by_task_heatmap(values, "open gates (% of kernels)", "task's path", title, path)
+
+
+def kernel_usage_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
+    """Kernels frozen per layer after each task (the rest are free for later tasks)."""
+    values = table.pivot_table(index="layer", columns="after_task", values="frozen", sort=False)
+    _layer_by_task_heatmap(values, "frozen kernels (%)", "after training task", title, path)
+
+
 # Figures for the extra tables a strategy saves (`artifacts()`), by table name.
-ARTIFACT_PLOTS = {}
+ARTIFACT_PLOTS = {"gate_usage": gate_usage_heatmap, "kernel_usage": kernel_usage_heatmap}

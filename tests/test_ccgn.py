@@ -1,0 +1,133 @@
+"""The conditional channel-gated network: gates, freezing, stability, sparsity, task
+classifier and compute accounting."""
+
+from functools import partial
+
+import pytest
+import torch
+from avalanche.training.plugins import EvaluationPlugin
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from clbench.datasets import build_scenario
+from clbench.gated import FreezableBatchNorm2d, GatedLayer, build_gated_model
+from clbench.registry import TrainingLoop, get_strategy
+
+CCGN = get_strategy("ccgn")
+
+
+def train(scenario_name, setting, tasks, backbone="small_cnn", width=8, after_task=None, **hparams):
+    """Train ccgn on the first `tasks` tasks; `after_task(strategy, scenario, task)` runs after each."""
+    torch.manual_seed(0)
+    scenario = build_scenario(scenario_name, setting, None, 0, False)
+    hp = CCGN.parse_hparams(hparams)
+    model = CCGN.make_model(hp, backbone, width, 1, setting, scenario.task_classes, scenario.spec.n_classes)
+    loop = TrainingLoop(optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+                        criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2, eval_mb_size=256,
+                        device="cpu", evaluator=partial(EvaluationPlugin, loggers=[]))
+    strategy = CCGN().build(model, hp, loop)
+    for task, experience in enumerate(scenario.benchmark.train_stream[:tasks]):
+        strategy.train(experience)
+        if after_task:
+            after_task(strategy, scenario, task)
+    return strategy, scenario
+
+
+@torch.no_grad()
+def predictions_on(model, scenario, task):
+    model.eval()
+    batches = DataLoader(scenario.benchmark.test_stream[task].dataset.eval(), batch_size=256)
+    return torch.cat([model.forward_single_task(x, task).argmax(1) for x, _, _ in batches])
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+def test_gates_are_exactly_binary_at_test(backbone, tiny_scenario):
+    strategy, scenario = train(tiny_scenario, "task", 1, backbone=backbone, width=4)
+    x = next(iter(DataLoader(scenario.benchmark.test_stream[0].dataset.eval(), batch_size=64)))[0]
+    strategy.model.eval()
+    strategy.model.forward_single_task(x, 0)
+    for gates in strategy.model.last_gates:
+        assert set(gates.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_frozen_kernels_and_past_predictions_never_change(tiny_scenario):
+    """ResNet-18 (batch norm, projection shortcuts): after task 1, every frozen kernel's
+    weights, batch-norm parameters and statistics stay bit-identical, and task 1's test
+    predictions are unchanged, however many tasks follow."""
+    snapshots = {}
+
+    def check(strategy, scenario, task):
+        model = strategy.model
+        layers = [m for m in model.modules() if isinstance(m, GatedLayer)]
+        if task == 0:
+            snapshots["predictions"] = predictions_on(model, scenario, 0)
+            snapshots["kernels"] = [(layer.frozen.clone(), [p.detach().clone() for p in frozen_state(layer)])
+                                    for layer in layers]
+            assert all(layer.frozen.any() for layer in layers)
+            return
+        assert torch.equal(predictions_on(model, scenario, 0), snapshots["predictions"])
+        for layer, (frozen, tensors) in zip(layers, snapshots["kernels"]):
+            assert (layer.frozen >= frozen).all()
+            for now, before in zip(frozen_state(layer), tensors):
+                assert torch.equal(now[frozen], before[frozen])
+            assert not all(torch.equal(now, before) for now, before in zip(frozen_state(layer), tensors)) \
+                or frozen.all(), "free kernels should have been retrained"
+
+    train(tiny_scenario, "task", 3, backbone="resnet18", width=4, after_task=check)
+
+
+def frozen_state(layer: GatedLayer) -> list[torch.Tensor]:
+    """Parameters and batch-norm statistics indexed by the layer's kernels."""
+    tensors = list(layer.kernel_parameters())
+    norms = [layer.norm] + (list(layer.tied) if layer.tied is not None else [])
+    tensors += [t for m in norms if isinstance(m, FreezableBatchNorm2d) for t in (m.running_mean, m.running_var)]
+    return tensors
+
+
+def test_sparsity_weight_lowers_gate_usage(tiny_scenario):
+    def usage(sparsity):
+        strategy, _ = train(tiny_scenario, "task", 1, sparsity=sparsity)
+        rows = strategy.artifacts()["gate_usage"]
+        return rows.firing_rate.mean()
+
+    assert usage(10.0) < usage(0.0) - 0.1
+
+
+def test_task_classifier_learns(tiny_scenario):
+    accuracy = []
+
+    def task_accuracy(strategy, scenario, task):
+        model = strategy.model
+        model.eval()
+        correct = seen = 0
+        with torch.no_grad():
+            for true_task in range(task + 1):
+                for x, _, _ in DataLoader(scenario.benchmark.test_stream[true_task].dataset.eval(), batch_size=256):
+                    predicted = model.classify_task(torch.cat(model.path_features(x)[0], 1)).argmax(1)
+                    correct += (predicted == true_task).sum().item()
+                    seen += len(x)
+        accuracy.append(correct / seen)
+
+    train(tiny_scenario, "class", 3, after_task=task_accuracy)
+    assert accuracy[0] == 1.0  # one task learned: nothing to confuse
+    assert accuracy[2] > 0.5  # three tasks: chance is 1/3
+
+
+@pytest.mark.parametrize("backbone,setting", [("small_cnn", "task"), ("small_cnn", "class"),
+                                              ("resnet18", "task"), ("resnet18", "class")])
+def test_executed_macs_equal_dense_count_with_all_gates_open(backbone, setting):
+    task_classes = [[0, 1], [2, 3], [4, 5]]
+    model = build_gated_model(backbone, 4, 1, setting, task_classes, 6, 2 / 3).eval()
+    model.tasks_learned = 3
+    x = torch.randn(5, 1, 28, 28)
+    for layer in model.modules():
+        if isinstance(layer, GatedLayer):
+            layer.force_open = True
+    with FlopCounterMode(display=False) as counter:
+        model(x, torch.ones(5, dtype=torch.long))
+    assert model.executed_macs.tolist() == [counter.get_total_flops() / 2 / 5] * 5
+    for layer in model.modules():
+        if isinstance(layer, GatedLayer):
+            layer.force_open = False
+    model(x, torch.ones(5, dtype=torch.long))
+    assert (model.executed_macs < counter.get_total_flops() / 2 / 5).all()
