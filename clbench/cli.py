@@ -78,22 +78,42 @@ def list_command():
 @click.argument("results_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--output", type=click.Path(dir_okay=False), help="also write the Markdown table to this file")
 def table(results_dir, output):
-    """Final metrics of every finished run under RESULTS_DIR as a Markdown table."""
-    from clbench.results import load_finished_runs
+    """Final metrics of the finished runs under RESULTS_DIR, mean ± std over seeds, as a
+    Markdown table (unfinished runs are left out and listed)."""
+    from clbench.results import load_finished_runs, summarise_runs
 
     runs, unfinished = load_finished_runs(results_dir)
     if runs.empty:
         raise UserError(f"no finished runs under {results_dir}")
-    columns = [c for c in ("scenario", "setting", "strategy", "seed", "epochs", "average_accuracy",
-                           "task_aware_average_accuracy", "average_forgetting", "backward_transfer",
-                           "forward_transfer", "train_time_s", "parameters") if c in runs]
-    text = runs[columns].sort_values(["scenario", "setting", "strategy", "seed"]).to_markdown(index=False, floatfmt=".3f")
+    summary = summarise_runs(runs)
+    shown = summary[["scenario", "setting", "strategy", "epochs", "seeds"]].copy()
+    # Hyperparameters appear only where runs of one strategy differ in them.
+    varying = summary.groupby("strategy").hparams.transform("nunique") > 1
+    if varying.any():
+        shown.insert(3, "hparams", summary.hparams.where(varying, ""))
+    for column in summary.columns:
+        if column.endswith("_mean") and summary[column].notna().any():
+            metric = column.removesuffix("_mean")
+            shown[metric] = [format_mean_std(m, s, metric) for m, s in zip(summary[column], summary[f"{metric}_std"])]
+    text = shown.to_markdown(index=False, disable_numparse=True)
     click.echo(text)
     for run_dir in unfinished:
         click.echo(f"not finished (left out): {run_dir}", err=True)
     if output:
         with open(output, "w") as handle:
             handle.write(text + "\n")
+
+
+def format_mean_std(mean: float, std: float, metric: str) -> str:
+    if mean != mean:  # NaN: the metric does not apply to this run
+        return ""
+    if metric == "executed_macs":
+        mean, std, unit = mean / 1e6, std / 1e6, "M"
+    elif metric in ("stored_examples", "train_time_s"):
+        return f"{mean:.0f}" if std != std or std == 0 or metric == "stored_examples" else f"{mean:.0f} ± {std:.0f}"
+    else:
+        unit = ""
+    return f"{mean:.3f}{unit}" if std != std else f"{mean:.3f} ± {std:.3f}{unit}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,11 @@ class Strategy:
         raise NotImplementedError
 
     @classmethod
+    def stored_examples(cls, hp: Hyperparameters, scenario) -> int:
+        """Training examples kept in memory after the last task (reported with every run)."""
+        return 0
+
+    @classmethod
     def make_model(cls, hp: Hyperparameters, backbone: str, width: int, in_channels: int, setting: str,
                    task_classes: list[list[int]], n_classes: int) -> torch.nn.Module:
         """The network this strategy trains; strategies with their own architecture override it."""

@@ -112,7 +112,7 @@ def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.nd
         + [("executed_macs", step + 1, j + 1, macs[step, j]) for step in range(last) for j in range(last)]
         # Per step, the mean over the tasks learned so far.
         + [("executed_macs", step + 1, None, macs[step, : step + 1].mean()) for step in range(last)]
-        + [(name, last, None, costs[name]) for name in ("parameters", "model_size_bytes")],
+        + [(name, last, None, costs[name]) for name in ("stored_examples", "parameters", "model_size_bytes")],
         columns=["metric", "step", "task", "value"]).astype({"task": "Int64"}))
     atomic_write(run_dir / "metrics.csv", lambda p: pd.concat(tables, ignore_index=True).to_csv(p, index=False))
     write_text(run_dir / "environment.json", json.dumps(environment(cfg, started, scenario.source), indent=2))
@@ -139,8 +139,25 @@ def load_finished_runs(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
         table = pd.read_csv(run_dir / "metrics.csv")
         final = table[table.step == table.step.max()]
         row = {key: cfg[key] for key in ("scenario", "setting", "strategy", "seed", "epochs")}
+        row["hparams"] = ", ".join(f"{k}={v}" for k, v in sorted(cfg["hparams"].items()))
         row.update(final[final.task.isna()].groupby("metric").value.first())
         for name in ("train_time_s", "eval_time_s"):
             row[name] = table[table.metric == name].value.sum()
         rows.append(row)
     return pd.DataFrame(rows), unfinished
+
+
+SUMMARY_METRICS = ("average_accuracy", "average_forgetting", "backward_transfer", "task_aware_average_accuracy",
+                   "task_inference_average_accuracy", "executed_macs", "stored_examples", "train_time_s")
+
+
+def summarise_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation over seeds of every configuration (runs that differ
+    only in their seed), with the number of seeds."""
+    keys = ["scenario", "setting", "strategy", "epochs", "hparams"]
+    present = [m for m in SUMMARY_METRICS if m in runs]
+    grouped = runs.groupby(keys, sort=True)
+    summary = grouped[present].agg(["mean", "std"])
+    summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
+    summary.insert(0, "seeds", grouped.seed.nunique())
+    return summary.reset_index()

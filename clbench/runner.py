@@ -151,6 +151,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
         matrices={key: np.stack([row[key] for row in after_each_task]) for key in before_training},
         before_training=before_training,
         costs={"train_time_s": train_times, "eval_time_s": eval_times,
+               "stored_examples": strategy_cls.stored_examples(hparams, scenario),
                "parameters": parameter_count(strategy.model), "model_size_bytes": model_size_bytes(strategy.model)},
         artifacts=strategy.artifacts() if hasattr(strategy, "artifacts") else {},
         started=started,

@@ -42,6 +42,10 @@ class CCGN(Strategy):
         classifier_lr: float = Field(1e-3, gt=0, description="class setting: task-classifier Adam learning rate")
 
     @classmethod
+    def stored_examples(cls, hp, scenario):
+        return hp.memory_size if scenario.setting == "class" else 0
+
+    @classmethod
     def make_model(cls, hp, backbone, width, in_channels, setting, task_classes, n_classes):
         return build_gated_model(backbone, width, in_channels, setting, task_classes, n_classes, hp.temperature)
 

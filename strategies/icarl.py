@@ -16,6 +16,10 @@ class ICaRL(Strategy):
         memory_size: int = Field(500, gt=0, description="exemplars stored in total")
         fixed_memory: bool = Field(True, description="True: memory_size shared by all classes; False: per class")
 
+    @classmethod
+    def stored_examples(cls, hp, scenario):
+        return hp.memory_size if hp.fixed_memory else hp.memory_size * scenario.spec.n_classes
+
     def build(self, model, hp, loop):
         return AvalancheICaRL(feature_extractor=model.features, classifier=model.head,
                               optimizer=loop.optimizer(model), memory_size=hp.memory_size,

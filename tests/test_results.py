@@ -1,7 +1,9 @@
 import pandas as pd
+import yaml
 import pytest
 
 from clbench import results
+from clbench.cli import main
 from clbench.config import RunConfig
 from clbench.errors import UserError
 from clbench.runner import run
@@ -32,3 +34,37 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(OSError):
         results.atomic_write(target, failing_writer)
     assert list(tmp_path.iterdir()) == []
+
+
+def fabricate_run(root, strategy, seed, accuracy, hparams=None, finished=True):
+    run_dir = root / "s" / "task" / strategy / f"seed{seed}"
+    run_dir.mkdir(parents=True)
+    config = {"scenario": "s", "setting": "task", "strategy": strategy, "seed": seed, "epochs": 1,
+              "hparams": hparams or {}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    pd.DataFrame({"metric": ["average_accuracy", "accuracy", "train_time_s"], "step": [2, 2, 2],
+                  "task": [None, 1, None], "value": [accuracy, 0.0, 3.0]}).to_csv(run_dir / "metrics.csv", index=False)
+    if finished:
+        (run_dir / results.COMPLETED).write_text("")
+
+
+def test_summary_is_mean_and_std_over_seeds_of_each_configuration(tmp_path):
+    fabricate_run(tmp_path, "a", 0, 0.5)
+    fabricate_run(tmp_path, "a", 1, 0.7)
+    fabricate_run(tmp_path, "a", 2, 0.1, finished=False)
+    fabricate_run(tmp_path / "other", "a", 0, 0.9, hparams={"lam": 2})
+    fabricate_run(tmp_path, "b", 0, 0.3)
+    runs, unfinished = results.load_finished_runs(tmp_path)
+    assert len(unfinished) == 1
+    summary = results.summarise_runs(runs).set_index(["strategy", "hparams"])
+    assert summary.loc[("a", ""), "seeds"] == 2
+    assert summary.loc[("a", ""), "average_accuracy_mean"] == pytest.approx(0.6)
+    assert summary.loc[("a", ""), "average_accuracy_std"] == pytest.approx(0.1414214)
+    assert summary.loc[("a", ""), "train_time_s_mean"] == pytest.approx(3.0)
+    assert summary.loc[("a", "lam=2"), "average_accuracy_mean"] == pytest.approx(0.9)
+    assert summary.loc[("b", ""), "seeds"] == 1
+    # The table shows each configuration once, hyperparameters where they differ.
+    assert main(["table", str(tmp_path), "--output", str(tmp_path / "table.md")]) == 0
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert any("| a " in line and "0.600 ± 0.141" in line for line in lines)
+    assert any("lam=2" in line and "0.900" in line for line in lines)
