@@ -1,13 +1,16 @@
-"""Conditional channel gating (Abati et al., CVPR 2020): every layer's output channels
-are switched on or off per sample by a small gating module of the task in hand.
+"""Networks with one path per task: every layer's output channels are multiplied by a
+mask of the task in hand. ccgn (Abati et al., CVPR 2020) computes the mask per sample
+with a small gating module (`GatedLayer`); HAT (`clbench.hat`) learns one per task.
 
-A `GatedLayer` holds one gating module per task. Kernels (output channels) that a
-learned task used are frozen: the strategy zeroes their gradients and
-`FreezableBatchNorm2d` keeps their running statistics. Each forward pass also counts
-the multiply-accumulates it actually executed, from the gate decisions.
+The backbones (small CNN, ResNet-18) take the masked-layer class as an argument, so both
+methods run on the same networks. Kernels (output channels) a learned task relies on
+are protected by the strategy; `FreezableBatchNorm2d` keeps their running statistics.
+Each forward pass also counts the multiply-accumulates it actually executed.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +22,7 @@ from clbench.errors import UserError
 GATE_HIDDEN = 16
 CLASSIFIER_HIDDEN = 64
 # Class setting: scores of tasks the task classifier did not pick are lowered by this much
-# (see GatedNet.forward).
+# (see TaskPathNet.forward).
 OFF_TASK_PENALTY = 1e4
 
 
@@ -51,56 +54,81 @@ class FreezableBatchNorm2d(nn.BatchNorm2d):
         return torch.where(self.frozen[None, :, None, None], kept, trained)
 
 
-class GatedLayer(nn.Module):
-    """A conv or linear layer (with optional batch norm) gated per output channel.
+class PathLayer(nn.Module):
+    """A conv or linear layer (with optional batch norm) whose output channels are
+    multiplied by a per-task, per-sample mask from `mask(x, task)`: ccgn's gates or HAT's
+    attention. `tied` layers (a ResNet projection shortcut) share the mask and go with
+    the layer's kernels when they are frozen or protected.
 
-    Gating module of task t: global average pool of the layer input -> linear (16) ->
-    batch norm -> ReLU -> linear -> one logit per output channel. Training: Gumbel
-    straight-through samples; evaluation: the gate is open where the logit is positive,
-    restricted to the kernels task t used when it was learned (`allowed`). `tied` layers
-    (a ResNet shortcut) share this layer's gates and are frozen with it.
+    The forward pass also returns the MACs executed per sample: a channel whose mask is
+    below one half counts as skipped, on the output side and as the next layer's input.
     """
 
-    def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.Module | None, n_tasks: int,
-                 temperature: float, tied: nn.Sequential | None = None):
+    def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.Module | None, tied: nn.Sequential | None = None):
         super().__init__()
         self.layer, self.norm, self.tied = layer, norm, tied
-        self.temperature = temperature
         self.in_units = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
         self.out_units = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+        self.force_open = False
+
+    def mask(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    mask_macs = 0  # MACs of computing the mask for one sample
+
+    def forward(self, x: torch.Tensor, task: int, in_mask: torch.Tensor):
+        """Masked output, the mask (batch x channels) and the MACs executed per sample,
+        given `in_mask`, which input units of each sample are active (batch x units)."""
+        mask = self.mask(x, task)
+        if self.force_open:
+            mask = torch.ones_like(mask)
+        out = self.layer(x)
+        if self.norm is not None:
+            out = self.norm(out)
+        self.in_mask = in_mask.detach()
+        spatial = out.shape[2] * out.shape[3] if out.dim() == 4 else 1
+        kernel = self.layer.weight[0].numel() // self.in_units
+        macs = (in_mask.detach() > 0.5).sum(1) * (mask.detach() > 0.5).sum(1) * kernel * spatial + self.mask_macs
+        return out * mask.view(*mask.shape, *[1] * (out.dim() - 2)), mask, macs
+
+    def kernel_modules(self) -> list[nn.Module]:
+        return [m for m in [self.layer, self.norm] + list(self.tied or []) if m is not None]
+
+    def kernel_parameters(self) -> list[torch.Tensor]:
+        """Every parameter whose first dimension indexes this layer's kernels."""
+        return [p for m in self.kernel_modules() for p in m.parameters(recurse=False)]
+
+    def set_frozen_statistics(self, frozen: torch.Tensor) -> None:
+        for module in self.kernel_modules():
+            if isinstance(module, FreezableBatchNorm2d):
+                module.frozen.copy_(frozen)
+
+
+class GatedLayer(PathLayer):
+    """ccgn's gates. Gating module of task t: global average pool of the layer input ->
+    linear (16) -> batch norm -> ReLU -> linear -> one logit per output channel.
+    Training: Gumbel straight-through samples; evaluation: the gate is open where the
+    logit is positive, restricted to the kernels task t used when it was learned
+    (`allowed`)."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.Module | None, tied: nn.Sequential | None = None, *,
+                 n_tasks: int, temperature: float):
+        super().__init__(layer, norm, tied)
+        self.temperature = temperature
         self.gates = nn.ModuleList(
             nn.Sequential(nn.Linear(self.in_units, GATE_HIDDEN), nn.BatchNorm1d(GATE_HIDDEN), nn.ReLU(),
                           nn.Linear(GATE_HIDDEN, self.out_units))
             for _ in range(n_tasks))
+        self.mask_macs = GATE_HIDDEN * (self.in_units + self.out_units)
         # allowed[t]: kernels task t may open; all of them until task t is learned.
         self.register_buffer("allowed", torch.ones(n_tasks, self.out_units, dtype=torch.bool))
         self.register_buffer("frozen", torch.zeros(self.out_units, dtype=torch.bool))
-        self.force_open = False
 
-    def gate(self, x: torch.Tensor, task: int) -> torch.Tensor:
+    def mask(self, x: torch.Tensor, task: int) -> torch.Tensor:
         logits = self.gates[task](x.mean((2, 3)) if x.dim() == 4 else x)
-        if self.force_open:
-            return torch.ones_like(logits)
         if self.training:
             return gumbel_sigmoid_straight_through(logits, self.temperature)
         return ((logits > 0) & self.allowed[task]).to(logits.dtype)
-
-    def forward(self, x: torch.Tensor, task: int, in_active: torch.Tensor):
-        """Gated output, the gates (batch x channels) and the MACs executed per sample,
-        given `in_active`, the number of non-zero input units of each sample."""
-        gates = self.gate(x, task)
-        out = self.layer(x)
-        if self.norm is not None:
-            out = self.norm(out)
-        spatial = out.shape[2] * out.shape[3] if out.dim() == 4 else 1
-        kernel = self.layer.weight[0].numel() // self.in_units
-        macs = in_active * gates.detach().sum(1) * kernel * spatial + GATE_HIDDEN * (self.in_units + self.out_units)
-        return out * gates.view(*gates.shape, *[1] * (out.dim() - 2)), gates, macs
-
-    def kernel_parameters(self) -> list[torch.Tensor]:
-        """Every parameter whose first dimension indexes this layer's kernels."""
-        modules = [self.layer, self.norm] + (list(self.tied) if self.tied is not None else [])
-        return [p for m in modules if m is not None for p in m.parameters(recurse=False)]
 
     def mask_frozen_gradients(self) -> None:
         for parameter in self.kernel_parameters():
@@ -111,19 +139,14 @@ class GatedLayer(nn.Module):
         """Task `task` is learned: its gates may only open `used` kernels, which are frozen."""
         self.allowed[task] = used
         self.frozen |= used
-        for module in [self.norm] + (list(self.tied) if self.tied is not None else []):
-            if isinstance(module, FreezableBatchNorm2d):
-                module.frozen.copy_(self.frozen)
+        self.set_frozen_statistics(self.frozen)
         self.gates[task].requires_grad_(False)
 
     @torch.no_grad()
     def reinitialise_free_kernels(self) -> None:
         """Give the kernels no learned task uses a fresh default initialisation."""
         free = ~self.frozen
-        modules = [self.layer, self.norm] + (list(self.tied) if self.tied is not None else [])
-        for module in modules:
-            if module is None:
-                continue
+        for module in self.kernel_modules():
             fresh = type(module)(*_constructor_args(module))
             for name, value in list(fresh.named_parameters()) + list(fresh.named_buffers()):
                 current = getattr(module, name)
@@ -140,103 +163,104 @@ def _constructor_args(module: nn.Module) -> tuple:
     return (module.num_features,)
 
 
-class GatedSmallCNN(nn.Module):
-    """`clbench.models.SmallCNN` with gates on both conv layers and the fully connected
-    layer (whose gating module sees the flattened feature map)."""
+class PathSmallCNN(nn.Module):
+    """`clbench.models.SmallCNN` with masked output channels on both conv layers and
+    units on the fully connected layer. `make_layer(layer, norm, tied=None)` builds the
+    masked layers (ccgn gates or HAT attention)."""
 
-    def __init__(self, in_channels: int, width: int, n_tasks: int, temperature: float, input_size: int = 28):
+    def __init__(self, in_channels: int, width: int, make_layer: Callable, input_size: int = 28):
         super().__init__()
         self.in_channels, self.out_features = in_channels, 4 * width
         self.spatial_after_convs = (input_size // 4) ** 2
         self.layers = nn.ModuleList([
-            GatedLayer(nn.Conv2d(in_channels, width, 3, padding=1), None, n_tasks, temperature),
-            GatedLayer(nn.Conv2d(width, width, 3, padding=1), None, n_tasks, temperature),
-            GatedLayer(nn.Linear(width * self.spatial_after_convs, self.out_features), None, n_tasks, temperature),
+            make_layer(nn.Conv2d(in_channels, width, 3, padding=1), None),
+            make_layer(nn.Conv2d(width, width, 3, padding=1), None),
+            make_layer(nn.Linear(width * self.spatial_after_convs, self.out_features), None),
         ])
 
     def forward(self, x: torch.Tensor, task: int):
-        """Features, gates of every layer, executed MACs per sample."""
-        active = torch.full((len(x),), float(self.in_channels), device=x.device)
-        all_gates, total = [], 0
+        """Features, masks of every layer, executed MACs per sample."""
+        active = torch.ones(len(x), self.in_channels, device=x.device)
+        masks, total = [], 0
         for index, layer in enumerate(self.layers):
             if index == 2:
                 x = x.flatten(1)
-                active = active * self.spatial_after_convs
-            x, gates, macs = layer(x, task, active)
+                active = active.repeat_interleave(self.spatial_after_convs, 1)
+            x, mask, macs = layer(x, task, active)
             x = F.relu(x)
             if index < 2:
                 x = F.max_pool2d(x, 2)
-            active = gates.detach().sum(1)
-            all_gates.append(gates)
+            active = mask.detach()
+            masks.append(mask)
             total = total + macs
-        return x, all_gates, total
+        return x, masks, total
 
 
-class GatedBasicBlock(nn.Module):
-    """ResNet basic block with both convs gated; a projection shortcut shares the second
-    conv's gates (its kernels are frozen with them)."""
+class PathBasicBlock(nn.Module):
+    """ResNet basic block with both convs masked; a projection shortcut shares the second
+    conv's mask. With an identity shortcut a channel is active where either the second
+    conv's mask or the input is."""
 
-    def __init__(self, in_channels: int, channels: int, stride: int, n_tasks: int, temperature: float):
+    def __init__(self, in_channels: int, channels: int, stride: int, make_layer: Callable):
         super().__init__()
-        self.conv1 = GatedLayer(nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False),
-                                FreezableBatchNorm2d(channels), n_tasks, temperature)
+        self.conv1 = make_layer(nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False),
+                                FreezableBatchNorm2d(channels))
         shortcut = None
         if stride != 1 or in_channels != channels:
             shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
                                      FreezableBatchNorm2d(channels))
-        self.conv2 = GatedLayer(nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
-                                FreezableBatchNorm2d(channels), n_tasks, temperature, tied=shortcut)
+        self.conv2 = make_layer(nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+                                FreezableBatchNorm2d(channels), shortcut)
 
     def forward(self, x: torch.Tensor, task: int, active_in: torch.Tensor):
-        """`active_in`: which input channels of each sample are non-zero (batch x channels)."""
-        h, gates1, macs = self.conv1(x, task, active_in.sum(1))
-        out, gates2, macs2 = self.conv2(F.relu(h), task, gates1.detach().sum(1))
-        open2 = gates2.detach()
+        h, mask1, macs = self.conv1(x, task, active_in)
+        out, mask2, macs2 = self.conv2(F.relu(h), task, mask1.detach())
         if self.conv2.tied is None:
-            shortcut, active_out = x, torch.maximum(open2, active_in)
+            shortcut, active_out = x, torch.maximum(mask2.detach(), active_in)
         else:
-            shortcut = self.conv2.tied(x) * gates2[:, :, None, None]
-            macs2 = macs2 + active_in.sum(1) * open2.sum(1) * out.shape[2] * out.shape[3]
-            active_out = open2
-        return F.relu(out + shortcut), [gates1, gates2], macs + macs2, active_out
+            shortcut = self.conv2.tied(x) * mask2[:, :, None, None]
+            on = (active_in > 0.5).sum(1) * (mask2.detach() > 0.5).sum(1)
+            macs2 = macs2 + on * out.shape[2] * out.shape[3]
+            active_out = mask2.detach()
+        return F.relu(out + shortcut), [mask1, mask2], macs + macs2, active_out
 
 
-class GatedResNet18(nn.Module):
+class PathResNet18(nn.Module):
     """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool) for 32x32 inputs;
     `width` channels in the first stage (64 in the standard network)."""
 
-    def __init__(self, in_channels: int, width: int, n_tasks: int, temperature: float):
+    def __init__(self, in_channels: int, width: int, make_layer: Callable):
         super().__init__()
         self.in_channels, self.out_features = in_channels, 8 * width
-        self.stem = GatedLayer(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), FreezableBatchNorm2d(width),
-                               n_tasks, temperature)
+        self.stem = make_layer(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), FreezableBatchNorm2d(width))
         blocks, channels = [], width
         for stage, stride in enumerate((1, 2, 2, 2)):
             out = width * 2**stage
-            blocks += [GatedBasicBlock(channels, out, stride, n_tasks, temperature),
-                       GatedBasicBlock(out, out, 1, n_tasks, temperature)]
+            blocks += [PathBasicBlock(channels, out, stride, make_layer), PathBasicBlock(out, out, 1, make_layer)]
             channels = out
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor, task: int):
-        x, gates, macs = self.stem(x, task, torch.full((len(x),), float(self.in_channels), device=x.device))
-        x, all_gates, active = F.relu(x), [gates], gates.detach()
+        active = torch.ones(len(x), self.in_channels, device=x.device)
+        x, mask, macs = self.stem(x, task, active)
+        x, masks, active = F.relu(x), [mask], mask.detach()
         for block in self.blocks:
-            x, gates, block_macs, active = block(x, task, active)
-            all_gates += gates
+            x, block_masks, block_macs, active = block(x, task, active)
+            masks += block_masks
             macs = macs + block_macs
-        return x.mean((2, 3)), all_gates, macs
+        return x.mean((2, 3)), masks, macs
 
 
-GATED_BACKBONES = {"small_cnn": GatedSmallCNN, "resnet18": GatedResNet18}
+PATH_BACKBONES = {"small_cnn": PathSmallCNN, "resnet18": PathResNet18}
 
 
-class GatedNet(MultiTaskModule):
-    """A gated backbone with one head per task; in the class setting also the task
-    classifier that picks which task's path and head to trust.
+class TaskPathNet(MultiTaskModule):
+    """A backbone of `PathLayer`s, whose masks give every task its own path, with one head
+    per task; in the class setting also the task classifier that picks which task's path
+    and head to trust.
 
     After every forward pass `executed_macs` holds the MACs each sample cost and
-    `last_gates` the gates of every layer (for the sparsity loss).
+    `last_masks` the masks of every layer (for the sparsity or attention loss).
     """
 
     def __init__(self, backbone: nn.Module, task_classes: list[list[int]], n_classes: int, setting: str):
@@ -252,12 +276,12 @@ class GatedNet(MultiTaskModule):
                                                  nn.ReLU(), nn.Linear(CLASSIFIER_HIDDEN, n_tasks))
 
     @property
-    def gated_layers(self) -> list[GatedLayer]:
-        return [m for m in self.backbone.modules() if isinstance(m, GatedLayer)]
+    def path_layers(self) -> list[PathLayer]:
+        return [m for m in self.backbone.modules() if isinstance(m, PathLayer)]
 
     def forward_single_task(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """The path and head of one task (task setting; training in both settings)."""
-        features, self.last_gates, macs = self.backbone(x, task)
+        features, self.last_masks, macs = self.backbone(x, task)
         head = self.heads[task]
         self.executed_macs = macs + head.in_features * head.out_features
         return head(features)
@@ -300,9 +324,8 @@ class GatedNet(MultiTaskModule):
         return scores
 
 
-def build_gated_model(backbone: str, width: int, in_channels: int, setting: str, task_classes: list[list[int]],
-                      n_classes: int, temperature: float) -> GatedNet:
-    if backbone not in GATED_BACKBONES:
-        raise UserError(f"no gated version of backbone {backbone!r}; choose one of: {', '.join(GATED_BACKBONES)}")
-    network = GATED_BACKBONES[backbone](in_channels, width, len(task_classes), temperature)
-    return GatedNet(network, task_classes, n_classes, setting)
+def build_path_model(backbone: str, width: int, in_channels: int, setting: str, task_classes: list[list[int]],
+                     n_classes: int, make_layer: Callable) -> TaskPathNet:
+    if backbone not in PATH_BACKBONES:
+        raise UserError(f"backbone {backbone!r} has no per-task-path version; choose one of: {', '.join(PATH_BACKBONES)}")
+    return TaskPathNet(PATH_BACKBONES[backbone](in_channels, width, make_layer), task_classes, n_classes, setting)

@@ -1,3 +1,5 @@
+from functools import partial
+
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -5,7 +7,7 @@ from avalanche.training.templates import SupervisedTemplate
 from pydantic import Field
 from torch.utils.data import DataLoader, TensorDataset
 
-from clbench.gated import GatedLayer, GatedNet, build_gated_model
+from clbench.gated import GatedLayer, TaskPathNet, build_path_model
 from clbench.registry import Hyperparameters, Strategy, register
 
 
@@ -47,7 +49,8 @@ class CCGN(Strategy):
 
     @classmethod
     def make_model(cls, hp, backbone, width, in_channels, setting, task_classes, n_classes):
-        return build_gated_model(backbone, width, in_channels, setting, task_classes, n_classes, hp.temperature)
+        make_layer = partial(GatedLayer, n_tasks=len(task_classes), temperature=hp.temperature)
+        return build_path_model(backbone, width, in_channels, setting, task_classes, n_classes, make_layer)
 
     def build(self, model, hp, loop):
         return ConditionalGating(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion, hp=hp,
@@ -57,7 +60,7 @@ class CCGN(Strategy):
 class ConditionalGating(SupervisedTemplate):
     """Training procedure of the gated network (see `CCGN`)."""
 
-    def __init__(self, *, model: GatedNet, hp: CCGN.Hparams, **kwargs):
+    def __init__(self, *, model: TaskPathNet, hp: CCGN.Hparams, **kwargs):
         super().__init__(model=model, **kwargs)
         self.hp = hp
         self.memory: dict[int, torch.Tensor] = {}  # task -> stored inputs
@@ -86,7 +89,7 @@ class ConditionalGating(SupervisedTemplate):
         super().make_optimizer(**{**kwargs, "reset_optimizer_state": True})
 
     def _before_training_exp(self, **kwargs):
-        for layer in self.model.gated_layers:
+        for layer in self.model.path_layers:
             layer.reinitialise_free_kernels()
         classes = self.model.task_classes[self.task]
         self.local_label = torch.full((self.model.n_classes,), -1, dtype=torch.long, device=self.device)
@@ -98,11 +101,11 @@ class ConditionalGating(SupervisedTemplate):
 
     def criterion(self):
         labels = self.mb_y if self.model.setting == "task" else self.local_label[self.mb_y]
-        sparsity = torch.stack([gates.mean() for gates in self.model.last_gates]).mean()
+        sparsity = torch.stack([gates.mean() for gates in self.model.last_masks]).mean()
         return self._criterion(self.mb_output, labels) + self.hp.sparsity * sparsity
 
     def optimizer_step(self):
-        for layer in self.model.gated_layers:
+        for layer in self.model.path_layers:
             layer.mask_frozen_gradients()
         super().optimizer_step()
 
@@ -123,7 +126,7 @@ class ConditionalGating(SupervisedTemplate):
         per_class = {}
         for x, y, _ in DataLoader(self.held_out, batch_size=self.eval_mb_size):
             model.forward_single_task(x.to(self.device), task)
-            for name, gates in zip(layers, model.last_gates):
+            for name, gates in zip(layers, model.last_masks):
                 fired[name] = fired[name] + gates.sum(0)
                 for label in y.unique().tolist():
                     total = per_class.setdefault((name, label), [0.0, 0])

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from clbench.datasets import build_scenario
-from clbench.gated import FreezableBatchNorm2d, GatedLayer, build_gated_model
+from clbench.gated import FreezableBatchNorm2d, GatedLayer, PathLayer
 from clbench.registry import TrainingLoop, get_strategy
 
 CCGN = get_strategy("ccgn")
@@ -46,7 +46,7 @@ def test_gates_are_exactly_binary_at_test(backbone, tiny_scenario):
     x = next(iter(DataLoader(scenario.benchmark.test_stream[0].dataset.eval(), batch_size=64)))[0]
     strategy.model.eval()
     strategy.model.forward_single_task(x, 0)
-    for gates in strategy.model.last_gates:
+    for gates in strategy.model.last_masks:
         assert set(gates.unique().tolist()) <= {0.0, 1.0}
 
 
@@ -79,8 +79,8 @@ def test_frozen_kernels_and_past_predictions_never_change(tiny_scenario):
 def frozen_state(layer: GatedLayer) -> list[torch.Tensor]:
     """Parameters and batch-norm statistics indexed by the layer's kernels."""
     tensors = list(layer.kernel_parameters())
-    norms = [layer.norm] + (list(layer.tied) if layer.tied is not None else [])
-    tensors += [t for m in norms if isinstance(m, FreezableBatchNorm2d) for t in (m.running_mean, m.running_var)]
+    tensors += [t for m in layer.kernel_modules() if isinstance(m, FreezableBatchNorm2d)
+                for t in (m.running_mean, m.running_var)]
     return tensors
 
 
@@ -117,17 +117,17 @@ def test_task_classifier_learns(tiny_scenario):
                                               ("resnet18", "task"), ("resnet18", "class")])
 def test_executed_macs_equal_dense_count_with_all_gates_open(backbone, setting):
     task_classes = [[0, 1], [2, 3], [4, 5]]
-    model = build_gated_model(backbone, 4, 1, setting, task_classes, 6, 2 / 3).eval()
+    model = CCGN.make_model(CCGN.Hparams(), backbone, 4, 1, setting, task_classes, 6).eval()
     model.tasks_learned = 3
     x = torch.randn(5, 1, 28, 28)
     for layer in model.modules():
-        if isinstance(layer, GatedLayer):
+        if isinstance(layer, PathLayer):
             layer.force_open = True
     with FlopCounterMode(display=False) as counter:
         model(x, torch.ones(5, dtype=torch.long))
     assert model.executed_macs.tolist() == [counter.get_total_flops() / 2 / 5] * 5
     for layer in model.modules():
-        if isinstance(layer, GatedLayer):
+        if isinstance(layer, PathLayer):
             layer.force_open = False
     model(x, torch.ones(5, dtype=torch.long))
     assert (model.executed_macs < counter.get_total_flops() / 2 / 5).all()
