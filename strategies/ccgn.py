@@ -2,13 +2,13 @@ from functools import partial
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from avalanche.training.templates import SupervisedTemplate
 from pydantic import Field
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from clbench.gated import GatedLayer, TaskPathNet, build_path_model
-from clbench.registry import Hyperparameters, Strategy, register
+from clbench.registry import Strategy, register
+from clbench.task_classifier import TaskClassifierHparams, TaskClassifierTraining
 
 
 @register
@@ -25,23 +25,18 @@ class CCGN(Strategy):
     - At test a learned task's gates can open only the kernels it was frozen with, so a
       re-initialised kernel can never leak into an old task's path (exact stability).
     - Frozen batch-norm channels use their stored statistics during later training.
-    - Class setting: the task classifier is trained after each task, on the frozen paths'
-      features of the task's training data plus the episodic memory (memory_size examples,
-      memory_size // tasks per task, chosen at random), for classifier_epochs with Adam and
-      a loss weighted so every task counts equally.
+    - Class setting: the task classifier is trained after each task on frozen features
+      (see `clbench.task_classifier`).
     - On the small CNN the fully connected layer is gated too (its units are kernels).
     """
 
     name = "ccgn"
 
-    class Hparams(Hyperparameters):
+    class Hparams(TaskClassifierHparams):
         sparsity: float = Field(0.5, ge=0, description="lambda_s: weight of the mean gate activation in the loss")
         temperature: float = Field(2 / 3, gt=0, description="Gumbel-sigmoid relaxation temperature (backward pass)")
         firing_threshold: float = Field(0.0, ge=0, lt=1, description="kernels firing more often than this are frozen")
         holdout_fraction: float = Field(0.1, gt=0, lt=1, description="share of each task's training data kept to measure firing rates")
-        memory_size: int = Field(500, gt=0, description="class setting: episodic memory C of the task classifier")
-        classifier_epochs: int = Field(10, gt=0, description="class setting: task-classifier epochs after each task")
-        classifier_lr: float = Field(1e-3, gt=0, description="class setting: task-classifier Adam learning rate")
 
     @classmethod
     def stored_examples(cls, hp, scenario):
@@ -57,13 +52,12 @@ class CCGN(Strategy):
                                  **loop.template_kwargs())
 
 
-class ConditionalGating(SupervisedTemplate):
+class ConditionalGating(TaskClassifierTraining, SupervisedTemplate):
     """Training procedure of the gated network (see `CCGN`)."""
 
     def __init__(self, *, model: TaskPathNet, hp: CCGN.Hparams, **kwargs):
         super().__init__(model=model, **kwargs)
         self.hp = hp
-        self.memory: dict[int, torch.Tensor] = {}  # task -> stored inputs
         self.kernel_rows, self.gate_rows = [], []
 
     @property
@@ -111,9 +105,7 @@ class ConditionalGating(SupervisedTemplate):
 
     def _after_training_exp(self, **kwargs):
         self.freeze_used_kernels()
-        if self.model.setting == "class":
-            self.update_memory()
-            self.train_task_classifier()
+        self.learn_task_classifier(self.task)
         super()._after_training_exp(**kwargs)
 
     @torch.no_grad()
@@ -145,36 +137,3 @@ class ConditionalGating(SupervisedTemplate):
                                      "free": 1 - layer.frozen.float().mean().item()})
         model.heads[task].requires_grad_(False)
         model.tasks_learned = task + 1
-
-    @torch.no_grad()
-    def update_memory(self):
-        """Keep memory_size // tasks random training examples of every task learned."""
-        per_task = self.hp.memory_size // (self.task + 1)
-        for task in self.memory:
-            self.memory[task] = self.memory[task][:per_task]
-        dataset = self.adapted_dataset.eval()
-        chosen = torch.randperm(len(dataset))[:per_task].tolist()
-        self.memory[self.task] = next(iter(DataLoader(dataset.subset(chosen), batch_size=len(chosen))))[0]
-
-    def train_task_classifier(self):
-        """Fit the task classifier on the frozen paths' features of this task's training
-        data and of the memory, each task weighted equally."""
-        model = self.model
-        model.eval()
-        inputs = [(x, torch.full((len(x),), self.task)) for x, _, _ in
-                  DataLoader(self.adapted_dataset.eval(), batch_size=self.eval_mb_size)]
-        inputs += [(x, torch.full((len(x),), task)) for task, x in self.memory.items() if task != self.task]
-        with torch.no_grad():
-            features = torch.cat([torch.cat(model.path_features(x.to(self.device))[0], 1) for x, _ in inputs])
-        tasks = torch.cat([t for _, t in inputs]).to(self.device)
-        counts = torch.bincount(tasks, minlength=self.task + 1).float()
-        weights = counts.sum() / (len(counts) * counts)
-        optimizer = torch.optim.Adam(model.task_classifier.parameters(), lr=self.hp.classifier_lr)
-        model.task_classifier.train()
-        for _ in range(self.hp.classifier_epochs):
-            for f, t in DataLoader(TensorDataset(features, tasks), batch_size=self.train_mb_size, shuffle=True):
-                loss = F.cross_entropy(model.classify_task(f), t, weight=weights)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        model.eval()
