@@ -277,7 +277,11 @@ class TaskPathNet(MultiTaskModule):
 
     @property
     def path_layers(self) -> list[PathLayer]:
-        return [m for m in self.backbone.modules() if isinstance(m, PathLayer)]
+        return list(self.named_path_layers().values())
+
+    def named_path_layers(self) -> dict[str, PathLayer]:
+        """The masked layers in forward order, named by their place in the backbone."""
+        return {name: m for name, m in self.backbone.named_modules() if isinstance(m, PathLayer)}
 
     def forward_single_task(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """The path and head of one task (task setting; training in both settings)."""

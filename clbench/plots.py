@@ -83,7 +83,7 @@ def gate_usage_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
 def kernel_usage_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
     """Kernels frozen per layer after each task (the rest are free for later tasks)."""
     values = table.pivot_table(index="layer", columns="after_task", values="frozen", sort=False)
-    _layer_by_task_heatmap(values, "frozen kernels (%)", "after training task", title, path)
+    _layer_by_task_heatmap(values, "kernels used by past tasks (%)", "after training task", title, path)
 
 
 # Figures for the extra tables a strategy saves (`artifacts()`), by table name.

@@ -56,6 +56,8 @@ class Strategy:
     # True for joint training: row i of the accuracy matrix comes from a fresh model
     # trained on tasks 1..i together, instead of continuing from the previous row.
     retrain_from_scratch: ClassVar[bool] = False
+    # Why a setting is not supported, and what to use instead (shown in the error).
+    setting_hint: ClassVar[dict[str, str]] = {}
 
     def build(self, model: torch.nn.Module, hp: Hyperparameters, loop: TrainingLoop):
         """The trainer: an object with `train(experience)` and `model` (an Avalanche

@@ -111,8 +111,9 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
     """Train and evaluate one configuration; returns the finished run folder."""
     strategy_cls = get_strategy(cfg.strategy)
     if cfg.setting not in strategy_cls.settings:
+        hint = strategy_cls.setting_hint.get(cfg.setting)
         raise UserError(f"strategy {cfg.strategy!r} supports only the {' and '.join(strategy_cls.settings)} "
-                        f"setting; got setting {cfg.setting!r}")
+                        f"setting; got setting {cfg.setting!r}" + (f": {hint}" if hint else ""))
     hparams = strategy_cls.parse_hparams(cfg.hparams)
     resolved = cfg.model_copy(update={"hparams": hparams.model_dump()})
     scenario = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes)

@@ -113,7 +113,7 @@ class ConditionalGating(TaskClassifierTraining, SupervisedTemplate):
         """Firing rates of the task's kernels on held-out data; freeze those that fired."""
         model, task = self.model, self.task
         model.eval()
-        layers = {name.removeprefix("backbone."): m for name, m in model.named_modules() if isinstance(m, GatedLayer)}
+        layers = model.named_path_layers()
         fired = {name: 0 for name in layers}
         per_class = {}
         for x, y, _ in DataLoader(self.held_out, batch_size=self.eval_mb_size):

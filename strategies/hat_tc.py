@@ -1,0 +1,22 @@
+from clbench.hat import HATHparams
+from clbench.registry import register
+from clbench.strategies.hat import HAT
+from clbench.task_classifier import TaskClassifierHparams
+
+
+@register
+class HATTaskClassifier(HAT):
+    """HAT with ccgn's task classifier and episodic memory, for the class setting: all task
+    paths run, the classifier picks the task, that task's head answers. Compared with
+    ccgn it isolates attention masks versus input-dependent gates."""
+
+    name = "hat_tc"
+    settings = ("class",)
+    setting_hint = {"task": "with the task label use hat"}
+
+    class Hparams(HATHparams, TaskClassifierHparams):
+        pass
+
+    @classmethod
+    def stored_examples(cls, hp, scenario):
+        return hp.memory_size
