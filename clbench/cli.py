@@ -7,6 +7,7 @@ with a one-line message and no traceback).
 from __future__ import annotations
 
 import sys
+import types
 import typing
 
 import click
@@ -22,6 +23,8 @@ def config_options(command):
             continue
         flag = "--" + name.replace("_", "-")
         annotation = field.annotation
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+            annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
         help_text = f"{field.description or name} [default: {field.default}]"
         if annotation is bool:
             command = click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)(command)
@@ -71,7 +74,8 @@ def list_command():
     click.echo("Scenarios:")
     for spec in SCENARIOS.values():
         shape = "x".join(map(str, spec.input_shape))
-        click.echo(f"  {spec.name:<17} {spec.n_tasks} tasks, {spec.n_classes} classes, input {shape}: {spec.description}")
+        size = f"{spec.n_classes // spec.classes_per_task} tasks, {spec.n_classes} classes" if spec.n_classes else "any classes"
+        click.echo(f"  {spec.name:<18} {size}, input {shape}, backbone {spec.backbone}: {spec.description}")
 
 
 @cli.command()

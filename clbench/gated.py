@@ -168,7 +168,7 @@ class PathSmallCNN(nn.Module):
     units on the fully connected layer. `make_layer(layer, norm, tied=None)` builds the
     masked layers (ccgn gates or HAT attention)."""
 
-    def __init__(self, in_channels: int, width: int, make_layer: Callable, input_size: int = 28):
+    def __init__(self, in_channels: int, width: int, input_size: int, make_layer: Callable):
         super().__init__()
         self.in_channels, self.out_features = in_channels, 4 * width
         self.spatial_after_convs = (input_size // 4) ** 2
@@ -229,7 +229,7 @@ class PathResNet18(nn.Module):
     """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool) for 32x32 inputs;
     `width` channels in the first stage (64 in the standard network)."""
 
-    def __init__(self, in_channels: int, width: int, make_layer: Callable):
+    def __init__(self, in_channels: int, width: int, input_size: int, make_layer: Callable):
         super().__init__()
         self.in_channels, self.out_features = in_channels, 8 * width
         self.stem = make_layer(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), FreezableBatchNorm2d(width))
@@ -328,8 +328,9 @@ class TaskPathNet(MultiTaskModule):
         return scores
 
 
-def build_path_model(backbone: str, width: int, in_channels: int, setting: str, task_classes: list[list[int]],
-                     n_classes: int, make_layer: Callable) -> TaskPathNet:
+def build_path_model(backbone: str, width: int, input_shape: tuple[int, int, int], setting: str,
+                     task_classes: list[list[int]], n_classes: int, make_layer: Callable) -> TaskPathNet:
     if backbone not in PATH_BACKBONES:
         raise UserError(f"backbone {backbone!r} has no per-task-path version; choose one of: {', '.join(PATH_BACKBONES)}")
-    return TaskPathNet(PATH_BACKBONES[backbone](in_channels, width, make_layer), task_classes, n_classes, setting)
+    network = PATH_BACKBONES[backbone](input_shape[0], width, input_shape[1], make_layer)
+    return TaskPathNet(network, task_classes, n_classes, setting)

@@ -30,7 +30,44 @@ class SmallCNN(nn.Module):
         return self.body(x)
 
 
-BACKBONES = {"small_cnn": SmallCNN}
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool) for 32x32 inputs;
+    `width` channels in the first stage (64 in the standard network, less to fit a CPU).
+    With batch norm, as usual: baselines that share it across tasks also drift in its
+    running statistics."""
+
+    def __init__(self, in_channels: int = 3, width: int = 64, input_size: int = 32):
+        super().__init__()
+        self.out_features = 8 * width
+        layers = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        channels = width
+        for stage, stride in enumerate((1, 2, 2, 2)):
+            out = width * 2**stage
+            layers += [BasicBlock(channels, out, stride), BasicBlock(out, out, 1)]
+            channels = out
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+BACKBONES = {"small_cnn": SmallCNN, "resnet18": ResNet18}
 
 
 class SingleHeadNet(nn.Module):
@@ -57,11 +94,11 @@ class MultiHeadNet(MultiTaskModule):
         return self.heads[task_label](self.features(x))
 
 
-def build_model(backbone: str, width: int, in_channels: int, setting: str,
+def build_model(backbone: str, width: int, input_shape: tuple[int, int, int], setting: str,
                 task_classes: list[list[int]], n_classes: int) -> nn.Module:
     if backbone not in BACKBONES:
         raise UserError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
-    features = BACKBONES[backbone](in_channels, width)
+    features = BACKBONES[backbone](input_shape[0], width, input_shape[1])
     if setting == "task":
         return MultiHeadNet(features, [len(classes) for classes in task_classes])
     return SingleHeadNet(features, n_classes)

@@ -71,10 +71,10 @@ class Strategy:
         return 0
 
     @classmethod
-    def make_model(cls, hp: Hyperparameters, backbone: str, width: int, in_channels: int, setting: str,
-                   task_classes: list[list[int]], n_classes: int) -> torch.nn.Module:
+    def make_model(cls, hp: Hyperparameters, backbone: str, width: int, input_shape: tuple[int, int, int],
+                   setting: str, task_classes: list[list[int]], n_classes: int) -> torch.nn.Module:
         """The network this strategy trains; strategies with their own architecture override it."""
-        return build_model(backbone, width, in_channels, setting, task_classes, n_classes)
+        return build_model(backbone, width, input_shape, setting, task_classes, n_classes)
 
     @classmethod
     def summary(cls) -> str:

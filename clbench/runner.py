@@ -72,7 +72,7 @@ def evaluate(model: torch.nn.Module, scenario: Scenario, batch_size: int, device
     `executed_macs` (one value per sample) in its forward pass; for every other model
     the dense count applies."""
     model.eval()
-    n_classes = scenario.spec.n_classes
+    n_classes = scenario.n_classes
     accuracy, task_aware, task_inference, macs = [], [], [], []
     dense = None
     for experience, classes in zip(tqdm(scenario.benchmark.test_stream, desc="evaluate", leave=False, disable=None),
@@ -115,14 +115,16 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
         raise UserError(f"strategy {cfg.strategy!r} supports only the {' and '.join(strategy_cls.settings)} "
                         f"setting; got setting {cfg.setting!r}" + (f": {hint}" if hint else ""))
     hparams = strategy_cls.parse_hparams(cfg.hparams)
-    resolved = cfg.model_copy(update={"hparams": hparams.model_dump()})
-    scenario = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes)
+    scenario = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes,
+                              cfg.classes_per_task, cfg.cache)
+    cfg = cfg.model_copy(update={"hparams": hparams.model_dump(),
+                                "backbone": cfg.backbone or scenario.spec.backbone})
     RNGManager.set_random_seeds(cfg.seed)
-    make_model = partial(strategy_cls.make_model, hparams, cfg.backbone, cfg.width, scenario.spec.input_shape[0], cfg.setting,
-                         scenario.task_classes, scenario.spec.n_classes)
+    make_model = partial(strategy_cls.make_model, hparams, cfg.backbone, cfg.width, scenario.spec.input_shape,
+                         cfg.setting, scenario.task_classes, scenario.n_classes)
     model = make_model()
     # Only now, with every input checked, does a run folder appear.
-    run_dir = results.start_run(resolved, overwrite)
+    run_dir = results.start_run(cfg, overwrite)
     started = time.time()
     progress = ProgressBar()
     loop = TrainingLoop(optimizer=partial(make_optimizer, cfg), criterion=torch.nn.CrossEntropyLoss(),
@@ -148,7 +150,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
         eval_times.append(time.perf_counter() - start)
 
     results.write_run(
-        run_dir, resolved, scenario,
+        run_dir, cfg, scenario,
         matrices={key: np.stack([row[key] for row in after_each_task]) for key in before_training},
         before_training=before_training,
         costs={"train_time_s": train_times, "eval_time_s": eval_times,

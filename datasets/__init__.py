@@ -1,9 +1,13 @@
 """Scenarios: real datasets split into tasks, built with Avalanche's `nc_benchmark`.
 
-A scenario is one dataset split into `n_tasks` tasks of disjoint classes. The same split
-serves both settings: `task` (task label at train and test time, class ids from 0 within
-each task for a multi-head model) and `class` (task label 0 everywhere, original class
-ids, one head over all classes).
+A scenario is one dataset split into tasks of disjoint classes. The same split serves
+both settings: `task` (task label at train and test time, class ids from 0 within each
+task for a multi-head model) and `class` (task label 0 everywhere, original class ids,
+one head over all classes).
+
+Datasets are read from a data root (`--data-root`, else $CLBENCH_DATA_ROOT, else
+~/.cache/clbench/data) and downloaded only where the network is reachable; torchvision's
+checksums are kept where it has them. Missing or corrupt data is a one-line `UserError`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 from avalanche.benchmarks import nc_benchmark
 from torch.utils.data import Dataset
 
+from clbench.datasets.images import ImageArrayDataset, image_dataset, scan_class_folders, transforms, unpacked
 from clbench.errors import UserError
 
 SETTINGS = ("task", "class")
@@ -53,10 +58,13 @@ class ScenarioSpec:
     name: str
     description: str
     input_shape: tuple[int, int, int]
-    n_classes: int
-    n_tasks: int
-    load: Callable[[Path], tuple[Dataset, Dataset, str]]  # data root -> (train, test, source)
+    n_classes: int | None  # None: as many as the data has
+    classes_per_task: int
+    load: Callable[[Path, bool], tuple[Dataset, Dataset, str]]  # (data root, cache) -> (train, test, source)
     needs_data_root: bool = True
+    statistics: str | None = None  # key of NORMALISATION for uint8 images; None: loaded normalised
+    augment: bool = False  # random crop and flip in training
+    backbone: str = "small_cnn"  # the default backbone for this input
 
 
 @dataclass(frozen=True)
@@ -73,8 +81,12 @@ class Scenario:
     def n_tasks(self) -> int:
         return len(self.task_classes)
 
+    @property
+    def n_classes(self) -> int:
+        return sum(len(classes) for classes in self.task_classes)
 
-def load_split_mnist_mini(_root: Path) -> tuple[Dataset, Dataset, str]:
+
+def load_split_mnist_mini(_root: Path, _cache: bool) -> tuple[Dataset, Dataset, str]:
     path = resources.files("clbench.datasets") / "split_mnist_mini" / "split_mnist_mini.npz"
     with resources.as_file(path) as file, np.load(file) as data:
         train = mnist_tensors(data["x_train"], data["y_train"])
@@ -94,7 +106,7 @@ def network_reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def load_mnist(root: Path) -> tuple[Dataset, Dataset, str]:
+def load_mnist(root: Path, _cache: bool) -> tuple[Dataset, Dataset, str]:
     from torchvision.datasets import MNIST
 
     raw = root / "MNIST" / "raw"
@@ -112,18 +124,195 @@ def load_mnist(root: Path) -> tuple[Dataset, Dataset, str]:
     return mnist_tensors(train.data, train.targets), mnist_tensors(test.data, test.targets), f"MNIST, full ({raw})"
 
 
+def missing_error(name: str, expected: str, where: Path, how: str) -> UserError:
+    return UserError(f"{name} not found: expected {expected} in {where}, and no network to download it; {how}, "
+                     f"or pass --data-root DIR (or set {DATA_ROOT_ENV}) pointing at the folder that holds it")
+
+
+def load_svhn(root: Path, _cache: bool) -> tuple[Dataset, Dataset, str]:
+    from torchvision.datasets import SVHN
+
+    folder = root / "SVHN"
+    files = [SVHN.split_list[split][1] for split in ("train", "test")]
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing and not network_reachable(SVHN.split_list["train"][0]):
+        raise missing_error("SVHN", " and ".join(files), folder,
+                            "download them from http://ufldl.stanford.edu/housenumbers/ into that folder")
+    try:
+        train, test = (SVHN(str(folder), split=split, download=bool(missing)) for split in ("train", "test"))
+    except Exception as error:  # torchvision: RuntimeError on a checksum mismatch, scipy errors on bad files
+        raise UserError(f"SVHN files in {folder} are corrupt or not the official ones ({error}); "
+                        "delete them and download again") from None
+    return (ImageArrayDataset(torch.from_numpy(train.data), train.labels),
+            ImageArrayDataset(torch.from_numpy(test.data), test.labels), f"SVHN ({folder})")
+
+
+def load_cifar10(root: Path, _cache: bool) -> tuple[Dataset, Dataset, str]:
+    from torchvision.datasets import CIFAR10
+
+    folder = root / CIFAR10.base_folder
+    files = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing and not network_reachable(CIFAR10.url):
+        raise missing_error("CIFAR-10", f"the python pickles ({', '.join(files)})", folder,
+                            f"unpack {CIFAR10.url} into {root}")
+    try:
+        train, test = (CIFAR10(str(root), train=flag, download=bool(missing)) for flag in (True, False))
+    except Exception as error:
+        raise UserError(f"CIFAR-10 files in {folder} are corrupt or not the official ones ({error}); "
+                        "delete them and download again") from None
+    as_tensor = lambda data: torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    return (ImageArrayDataset(as_tensor(train.data), train.targets),
+            ImageArrayDataset(as_tensor(test.data), test.targets), f"CIFAR-10, official pickles ({folder})")
+
+
+def folder_or_archive(root: Path, folder: str, archive: str) -> Path | None:
+    """`root/folder`, or the unpacked `root/archive` (also looked for in root/archives)."""
+    if (root / folder).is_dir():
+        return root / folder
+    for candidate in (root / archive, root / "archives" / archive):
+        if candidate.is_file():
+            return unpacked(candidate)
+    return None
+
+
+def image_folder_splits(folder: Path, size: int, cache: bool, classes: list[str] | None = None):
+    """`folder/train/<class>/...` and `folder/test/<class>/...` as datasets of size x size
+    images; class ids follow `classes` (default: the sorted training class names)."""
+    splits = {}
+    for split in ("train", "test"):
+        if not (folder / split).is_dir():
+            raise UserError(f"{folder} has no {split}/ folder; expected {folder}/train/<class>/<image> "
+                            f"and {folder}/test/<class>/<image>")
+        splits[split] = scan_class_folders(folder / split)
+    classes = classes or sorted(splits["train"])
+    if not classes or set(classes) - set(splits["test"]) or set(classes) - set(splits["train"]):
+        raise UserError(f"{folder}/train and {folder}/test must hold image folders of the same classes "
+                        f"(train: {len(splits['train'])} classes, test: {len(splits['test'])})")
+    datasets = []
+    for split in ("train", "test"):
+        paths = [path for name in classes for path in splits[split][name]]
+        targets = [index for index, name in enumerate(classes) for _ in splits[split][name]]
+        datasets.append(image_dataset(paths, targets, size, cache))
+    return datasets
+
+
+def load_image_folder(root: Path, cache: bool) -> tuple[Dataset, Dataset, str]:
+    folder = unpacked(root) if root.is_file() else root
+    if not folder.is_dir():
+        raise UserError(f"image folder {root} does not exist; pass --data-root DIR with DIR/train/<class>/<image> "
+                        "and DIR/test/<class>/<image> (or a .tar.gz of such a tree)")
+    train, test = image_folder_splits(folder, 32, cache)
+    return train, test, f"image folder {root}"
+
+
+def load_cifar10_jpeg(root: Path, cache: bool) -> tuple[Dataset, Dataset, str]:
+    folder = folder_or_archive(root, "cifar10-jpeg", "cifar10-jpeg.tar.gz")
+    if folder is None:
+        raise UserError(f"CIFAR-10 JPEG copy not found: expected {root}/cifar10-jpeg/{{train,test}}/<class>/*.jpg "
+                        f"or the archive cifar10-jpeg.tar.gz in {root} or {root}/archives; "
+                        "pass --data-root DIR pointing at the folder that holds it")
+    train, test = image_folder_splits(folder, 32, cache, CIFAR10_CLASSES)
+    return train, test, f"CIFAR-10, JPEG-q75 copy ({folder})"
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# ImageNet-50: the first 50 wnids of Tiny-ImageNet's wnids.txt (all ILSVRC-2012 classes),
+# in that order; tasks are consecutive groups of 10 unless --shuffle-classes.
+IMAGENET50_WNIDS = (
+    "n02124075 n04067472 n04540053 n04099969 n07749582 n01641577 n02802426 n09246464 n07920052 n03970156 "
+    "n03891332 n02106662 n03201208 n02279972 n02132136 n04146614 n07873807 n02364673 n04507155 n03854065 "
+    "n03838899 n03733131 n01443537 n07875152 n03544143 n09428293 n03085013 n02437312 n07614500 n03804744 "
+    "n04265275 n02963159 n02486410 n01944390 n09256479 n02058221 n04275548 n02321529 n02769748 n02099712 "
+    "n07695742 n02056570 n02281406 n01774750 n02509815 n03983396 n07753592 n04254777 n02233338 n04008634"
+).split()
+
+
+def load_imagenet50(root: Path, cache: bool) -> tuple[Dataset, Dataset, str]:
+    """From an ILSVRC-2012 folder (root/imagenet/train/<wnid>/, root/imagenet/val/<wnid>/)
+    if there is one, else from Tiny-ImageNet (root/tiny-imagenet-200, or its archive
+    tiny-imagenet-50.tar.gz / tiny-imagenet-200.tar.gz in root or root/archives)."""
+    if (root / "imagenet" / "train").is_dir():
+        folder = root / "imagenet"
+        split = {"train": "train", "test": "val"}
+        tree = {name: scan_class_folders(folder / split[name]) for name in split}
+        source = f"ILSVRC-2012 ({folder}), resized to 32x32"
+    else:
+        folder = (folder_or_archive(root, "tiny-imagenet-200", "tiny-imagenet-50.tar.gz")
+                  or folder_or_archive(root, "tiny-imagenet-200", "tiny-imagenet-200.tar.gz"))
+        if folder is None:
+            raise UserError(f"ImageNet-50 not found: expected an ILSVRC-2012 folder {root}/imagenet/{{train,val}}/<wnid>/ "
+                            f"or Tiny-ImageNet at {root}/tiny-imagenet-200 (or tiny-imagenet-50.tar.gz in {root} "
+                            f"or {root}/archives); pass --data-root DIR pointing at the folder that holds it")
+        if (folder / "tiny-imagenet-200").is_dir():
+            folder = folder / "tiny-imagenet-200"
+        tree = {"train": scan_class_folders(folder / "train"), "test": tiny_imagenet_val(folder / "val")}
+        source = f"Tiny-ImageNet ({folder}), 64x64 resized to 32x32"
+    missing = [wnid for wnid in IMAGENET50_WNIDS if wnid not in tree["train"] or wnid not in tree["test"]]
+    if missing:
+        raise UserError(f"ImageNet-50 in {folder} lacks {len(missing)} of its 50 classes (first: {missing[0]}); "
+                        "the class list is clbench.datasets.IMAGENET50_WNIDS")
+    datasets = []
+    for split in ("train", "test"):
+        paths = [path for wnid in IMAGENET50_WNIDS for path in tree[split][wnid]]
+        targets = [index for index, wnid in enumerate(IMAGENET50_WNIDS) for _ in tree[split][wnid]]
+        datasets.append(image_dataset(paths, targets, 32, cache))
+    return datasets[0], datasets[1], source
+
+
+def tiny_imagenet_val(folder: Path) -> dict[str, list[Path]]:
+    """Tiny-ImageNet's val/images/*.JPEG with labels from val/val_annotations.txt."""
+    annotations = folder / "val_annotations.txt"
+    if not annotations.is_file():
+        raise UserError(f"Tiny-ImageNet validation labels not found: expected {annotations}")
+    by_class: dict[str, list[Path]] = {}
+    for line in annotations.read_text().splitlines():
+        if line.strip():
+            name, wnid = line.split("\t")[:2]
+            by_class.setdefault(wnid, []).append(folder / "images" / name)
+    return {wnid: sorted(paths) for wnid, paths in by_class.items()}
+
+
 SCENARIOS: dict[str, ScenarioSpec] = {
     spec.name: spec
     for spec in (
         ScenarioSpec(
             "split_mnist_mini",
             "Embedded real MNIST subset (10k train / 2k test), 5 tasks of 2 digits; no download",
-            (1, 28, 28), 10, 5, load_split_mnist_mini, needs_data_root=False,
+            (1, 28, 28), 10, 2, load_split_mnist_mini, needs_data_root=False,
         ),
         ScenarioSpec(
             "split_mnist",
             "Full MNIST (60k train / 10k test), 5 tasks of 2 digits; read from the data root",
-            (1, 28, 28), 10, 5, load_mnist,
+            (1, 28, 28), 10, 2, load_mnist,
+        ),
+        ScenarioSpec(
+            "split_svhn",
+            "SVHN (73k train / 26k test, <root>/SVHN/*_32x32.mat), 5 tasks of 2 digits; no augmentation",
+            (3, 32, 32), 10, 2, load_svhn, statistics="svhn", backbone="resnet18",
+        ),
+        ScenarioSpec(
+            "split_cifar10",
+            "CIFAR-10 (official pickles, <root>/cifar-10-batches-py), 5 tasks of 2 classes; crop+flip",
+            (3, 32, 32), 10, 2, load_cifar10, statistics="cifar10", augment=True, backbone="resnet18",
+        ),
+        ScenarioSpec(
+            "split_cifar10_jpeg",
+            "CIFAR-10, JPEG-q75 copy (<root>/cifar10-jpeg or its .tar.gz) through the image-folder reader, "
+            "5 tasks of 2 classes; crop+flip",
+            (3, 32, 32), 10, 2, load_cifar10_jpeg, statistics="cifar10", augment=True, backbone="resnet18",
+        ),
+        ScenarioSpec(
+            "imagenet50",
+            "50 ImageNet classes at 32x32 (ILSVRC-2012 or Tiny-ImageNet source), 5 tasks of 10; crop+flip",
+            (3, 32, 32), 50, 10, load_imagenet50, statistics="imagenet", augment=True, backbone="resnet18",
+        ),
+        ScenarioSpec(
+            "image_folder",
+            "Your images: --data-root DIR with DIR/{train,test}/<class>/<image> (or a .tar.gz of it), "
+            "resized to 32x32 RGB, tasks of --classes-per-task classes; crop+flip",
+            (3, 32, 32), None, 2, load_image_folder, statistics="imagenet", augment=True, backbone="resnet18",
         ),
     )
 }
@@ -134,17 +323,25 @@ def default_data_root() -> Path:
 
 
 def build_scenario(name: str, setting: str, data_root: Path | None = None, seed: int = 0,
-                   shuffle_classes: bool = False) -> Scenario:
-    """Split `name` into tasks for `setting`; classes in id order unless `shuffle_classes` (then by `seed`)."""
+                   shuffle_classes: bool = False, classes_per_task: int | None = None, cache: bool = True) -> Scenario:
+    """Split `name` into tasks for `setting`; classes in id order unless `shuffle_classes`
+    (then by `seed`); decoded images cached on disk unless `cache` is off."""
     if name not in SCENARIOS:
         raise UserError(f"unknown scenario {name!r}; choose one of: {', '.join(SCENARIOS)}")
     if setting not in SETTINGS:
         raise UserError(f"unknown setting {setting!r}; choose 'task' or 'class'")
     spec = SCENARIOS[name]
-    train, test, source = spec.load(Path(data_root) if data_root else default_data_root())
+    train, test, source = spec.load(Path(data_root) if data_root else default_data_root(), cache)
+    n_classes = len(set(train.targets))
+    per_task = classes_per_task or spec.classes_per_task
+    if n_classes % per_task or n_classes == per_task:
+        raise UserError(f"{name} has {n_classes} classes, which do not split into several tasks of {per_task}; "
+                        "choose another --classes-per-task")
+    train_transform, eval_transform = transforms(spec.statistics, spec.augment) if spec.statistics else (None, None)
     task_aware = setting == "task"
     benchmark = nc_benchmark(
-        train, test, n_experiences=spec.n_tasks, task_labels=task_aware,
+        train, test, n_experiences=n_classes // per_task, task_labels=task_aware,
         shuffle=shuffle_classes, seed=seed, class_ids_from_zero_in_each_exp=task_aware,
+        train_transform=train_transform, eval_transform=eval_transform,
     )
     return Scenario(spec, setting, benchmark, [list(c) for c in benchmark.original_classes_in_exp], source)

@@ -43,9 +43,9 @@ class CCGN(Strategy):
         return hp.memory_size if scenario.setting == "class" else 0
 
     @classmethod
-    def make_model(cls, hp, backbone, width, in_channels, setting, task_classes, n_classes):
+    def make_model(cls, hp, backbone, width, input_shape, setting, task_classes, n_classes):
         make_layer = partial(GatedLayer, n_tasks=len(task_classes), temperature=hp.temperature)
-        return build_path_model(backbone, width, in_channels, setting, task_classes, n_classes, make_layer)
+        return build_path_model(backbone, width, input_shape, setting, task_classes, n_classes, make_layer)
 
     def build(self, model, hp, loop):
         return ConditionalGating(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion, hp=hp,

@@ -29,9 +29,9 @@ class HAT(Strategy):
     Hparams = HATHparams
 
     @classmethod
-    def make_model(cls, hp, backbone, width, in_channels, setting, task_classes, n_classes):
+    def make_model(cls, hp, backbone, width, input_shape, setting, task_classes, n_classes):
         make_layer = partial(AttentionLayer, n_tasks=len(task_classes), s_max=hp.s_max)
-        return build_path_model(backbone, width, in_channels, setting, task_classes, n_classes, make_layer)
+        return build_path_model(backbone, width, input_shape, setting, task_classes, n_classes, make_layer)
 
     def build(self, model, hp, loop):
         kwargs = loop.template_kwargs()

@@ -18,7 +18,7 @@ class ICaRL(Strategy):
 
     @classmethod
     def stored_examples(cls, hp, scenario):
-        return hp.memory_size if hp.fixed_memory else hp.memory_size * scenario.spec.n_classes
+        return hp.memory_size if hp.fixed_memory else hp.memory_size * scenario.n_classes
 
     def build(self, model, hp, loop):
         return AvalancheICaRL(feature_extractor=model.features, classifier=model.head,

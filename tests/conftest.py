@@ -22,8 +22,8 @@ def tiny_scenario(monkeypatch) -> str:
     """The embedded MNIST subset cut to 100 train / 20 test images per class, registered
     as scenario 'tiny': every strategy runs on it in seconds."""
 
-    def load(root):
-        train, test, _ = load_split_mnist_mini(root)
+    def load(root, cache):
+        train, test, _ = load_split_mnist_mini(root, cache)
         return first_per_class(train, 100), first_per_class(test, 20), "tiny test subset of split_mnist_mini"
 
     monkeypatch.setitem(SCENARIOS, "tiny", dataclasses.replace(SCENARIOS["split_mnist_mini"], name="tiny", load=load))

@@ -21,7 +21,7 @@ def train(scenario_name, setting, tasks, backbone="small_cnn", width=8, after_ta
     torch.manual_seed(0)
     scenario = build_scenario(scenario_name, setting, None, 0, False)
     hp = CCGN.parse_hparams(hparams)
-    model = CCGN.make_model(hp, backbone, width, 1, setting, scenario.task_classes, scenario.spec.n_classes)
+    model = CCGN.make_model(hp, backbone, width, (1, 28, 28), setting, scenario.task_classes, scenario.n_classes)
     loop = TrainingLoop(optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
                         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2, eval_mb_size=256,
                         device="cpu", evaluator=partial(EvaluationPlugin, loggers=[]))
@@ -117,7 +117,7 @@ def test_task_classifier_learns(tiny_scenario):
                                               ("resnet18", "task"), ("resnet18", "class")])
 def test_executed_macs_equal_dense_count_with_all_gates_open(backbone, setting):
     task_classes = [[0, 1], [2, 3], [4, 5]]
-    model = CCGN.make_model(CCGN.Hparams(), backbone, 4, 1, setting, task_classes, 6).eval()
+    model = CCGN.make_model(CCGN.Hparams(), backbone, 4, (1, 28, 28), setting, task_classes, 6).eval()
     model.tasks_learned = 3
     x = torch.randn(5, 1, 28, 28)
     for layer in model.modules():

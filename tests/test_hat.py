@@ -20,7 +20,7 @@ def train(scenario_name, tasks, backbone="small_cnn", width=8, after_task=None):
     torch.manual_seed(0)
     scenario = build_scenario(scenario_name, "task", None, 0, False)
     hp = HAT.parse_hparams({})
-    model = HAT.make_model(hp, backbone, width, 1, "task", scenario.task_classes, scenario.spec.n_classes)
+    model = HAT.make_model(hp, backbone, width, (1, 28, 28), "task", scenario.task_classes, scenario.n_classes)
     loop = TrainingLoop(optimizer=None, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2,
                         eval_mb_size=256, device="cpu", evaluator=partial(EvaluationPlugin, loggers=[]))
     strategy = HAT().build(model, hp, loop)
