@@ -1,4 +1,4 @@
-"""Command line: `clbench run`, `clbench list`, `clbench table`.
+"""Command line: `clbench run`, `clbench list`, `clbench table`, `clbench report`.
 
 `main(argv)` is the entry point tests call; it returns the exit code (2 for bad input,
 with a one-line message and no traceback).
@@ -84,22 +84,13 @@ def list_command():
 def table(results_dir, output):
     """Final metrics of the finished runs under RESULTS_DIR, mean ± std over seeds, as a
     Markdown table (unfinished runs are left out and listed)."""
-    from clbench.results import load_finished_runs, summarise_runs
+    from clbench.report import summary_table
+    from clbench.results import load_finished_runs
 
     runs, unfinished = load_finished_runs(results_dir)
     if runs.empty:
         raise UserError(f"no finished runs under {results_dir}")
-    summary = summarise_runs(runs)
-    shown = summary[["scenario", "setting", "strategy", "epochs", "seeds"]].copy()
-    # Hyperparameters appear only where runs of one strategy differ in them.
-    varying = summary.groupby("strategy").hparams.transform("nunique") > 1
-    if varying.any():
-        shown.insert(3, "hparams", summary.hparams.where(varying, ""))
-    for column in summary.columns:
-        if column.endswith("_mean") and summary[column].notna().any():
-            metric = column.removesuffix("_mean")
-            shown[metric] = [format_mean_std(m, s, metric) for m, s in zip(summary[column], summary[f"{metric}_std"])]
-    text = shown.to_markdown(index=False, disable_numparse=True)
+    text = summary_table(runs).to_markdown(index=False, disable_numparse=True)
     click.echo(text)
     for run_dir in unfinished:
         click.echo(f"not finished (left out): {run_dir}", err=True)
@@ -108,16 +99,22 @@ def table(results_dir, output):
             handle.write(text + "\n")
 
 
-def format_mean_std(mean: float, std: float, metric: str) -> str:
-    if mean != mean:  # NaN: the metric does not apply to this run
-        return ""
-    if metric == "executed_macs":
-        mean, std, unit = mean / 1e6, std / 1e6, "M"
-    elif metric in ("stored_examples", "train_time_s"):
-        return f"{mean:.0f}" if std != std or std == 0 or metric == "stored_examples" else f"{mean:.0f} ± {std:.0f}"
-    else:
-        unit = ""
-    return f"{mean:.3f}{unit}" if std != std else f"{mean:.3f} ± {std:.3f}{unit}"
+@cli.command()
+@click.argument("results_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", type=click.Path(file_okay=False), help="folder for the report [default: RESULTS_DIR/report]")
+@click.option("--compare", "compare_with", type=click.Path(exists=True, file_okay=False),
+              help="another results folder (e.g. before a change): adds the differences RESULTS_DIR minus it")
+def report(results_dir, output, compare_with):
+    """Tables (CSV, Markdown, LaTeX), figures (PNG, PDF) and one self-contained HTML page
+    of the finished runs under RESULTS_DIR, mean ± std over seeds."""
+    from pathlib import Path
+
+    from clbench.report import write_report
+
+    page, unfinished = write_report(results_dir, Path(output or Path(results_dir) / "report"), compare_with)
+    for run_dir in unfinished:
+        click.echo(f"not finished (left out): {run_dir}", err=True)
+    click.echo(f"report: {page}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -126,10 +126,14 @@ def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.nd
     write_text(run_dir / COMPLETED, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
 
 
-def load_finished_runs(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
-    """Final-step metrics of every finished run under `root` (one row per run, with its
-    config), and the run folders that are not finished."""
-    rows, unfinished = [], []
+RUN_KEYS = ["scenario", "setting", "strategy", "epochs", "hparams"]  # runs that differ only in the seed
+
+
+def load_metrics(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
+    """Every metric of every finished run under `root` as one long table (the run's keys,
+    seed and folder, then metric, step, task, value), and the folders of runs that are
+    not finished."""
+    frames, unfinished = [], []
     for config_path in sorted(Path(root).rglob("config.yaml")):
         run_dir = config_path.parent
         if not (run_dir / COMPLETED).exists():
@@ -137,26 +141,37 @@ def load_finished_runs(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
             continue
         cfg = yaml.safe_load(config_path.read_text())
         table = pd.read_csv(run_dir / "metrics.csv")
-        final = table[table.step == table.step.max()]
-        row = {key: cfg[key] for key in ("scenario", "setting", "strategy", "seed", "epochs")}
-        row["hparams"] = ", ".join(f"{k}={v}" for k, v in sorted(cfg["hparams"].items()))
-        row.update(final[final.task.isna()].groupby("metric").value.first())
-        for name in ("train_time_s", "eval_time_s"):
-            row[name] = table[table.metric == name].value.sum()
-        rows.append(row)
-    return pd.DataFrame(rows), unfinished
+        keys = {key: cfg[key] for key in ("scenario", "setting", "strategy", "epochs", "seed")}
+        keys["hparams"] = ", ".join(f"{k}={v}" for k, v in sorted(cfg["hparams"].items()))
+        frames.append(table.assign(**keys, run_dir=str(run_dir)))
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), unfinished
 
 
-SUMMARY_METRICS = ("average_accuracy", "average_forgetting", "backward_transfer", "task_aware_average_accuracy",
-                   "task_inference_average_accuracy", "executed_macs", "stored_examples", "train_time_s")
+def load_finished_runs(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
+    """Final-step metrics of every finished run under `root` (one row per run, with its
+    keys; times summed over steps), and the run folders that are not finished."""
+    metrics, unfinished = load_metrics(root)
+    if metrics.empty:
+        return metrics, unfinished
+    index = RUN_KEYS + ["seed", "run_dir"]
+    final = metrics[metrics.task.isna() & (metrics.step == metrics.groupby("run_dir").step.transform("max"))]
+    runs = final.pivot_table(index=index, columns="metric", values="value", aggfunc="first")
+    times = metrics[metrics.metric.isin(["train_time_s", "eval_time_s"])]
+    runs.update(times.pivot_table(index=index, columns="metric", values="value", aggfunc="sum"))
+    runs.columns.name = None
+    return runs.reset_index(), unfinished
+
+
+SUMMARY_METRICS = ("average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer",
+                   "task_aware_average_accuracy", "task_inference_average_accuracy", "executed_macs",
+                   "stored_examples", "parameters", "model_size_bytes", "train_time_s")
 
 
 def summarise_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds of every configuration (runs that differ
     only in their seed), with the number of seeds."""
-    keys = ["scenario", "setting", "strategy", "epochs", "hparams"]
     present = [m for m in SUMMARY_METRICS if m in runs]
-    grouped = runs.groupby(keys, sort=True)
+    grouped = runs.groupby(RUN_KEYS, sort=True)
     summary = grouped[present].agg(["mean", "std"])
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
     summary.insert(0, "seeds", grouped.seed.nunique())

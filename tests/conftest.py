@@ -17,8 +17,7 @@ def first_per_class(dataset: TensorImageDataset, per_class: int) -> TensorImageD
     return TensorImageDataset(dataset.images[index], targets[index])
 
 
-@pytest.fixture
-def tiny_scenario(monkeypatch) -> str:
+def register_tiny(monkeypatch) -> str:
     """The embedded MNIST subset cut to 100 train / 20 test images per class, registered
     as scenario 'tiny': every strategy runs on it in seconds."""
 
@@ -28,3 +27,14 @@ def tiny_scenario(monkeypatch) -> str:
 
     monkeypatch.setitem(SCENARIOS, "tiny", dataclasses.replace(SCENARIOS["split_mnist_mini"], name="tiny", load=load))
     return "tiny"
+
+
+@pytest.fixture
+def tiny_scenario(monkeypatch) -> str:
+    return register_tiny(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def tiny_scenario_module():
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        yield register_tiny(monkeypatch)

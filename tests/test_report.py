@@ -1,0 +1,84 @@
+"""`clbench report`: tables, every figure type, the comparison of two folders, and the
+HTML page rendered in headless Chromium."""
+
+import shutil
+
+import pandas as pd
+import pytest
+
+from clbench.cli import main
+from clbench.config import RunConfig
+from clbench.report import compare
+from clbench.results import load_finished_runs
+from clbench.runner import run
+from test_results import fabricate_run
+
+FIGURES = ["average_accuracy", "task_accuracy", "matrices", "forgetting", "accuracy_vs_macs", "accuracy_vs_size",
+           "capacity", "gate_usage"]
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory, tiny_scenario_module):
+    """Real runs on the tiny scenario: two seeds of naive, one of ccgn and hat (which save
+    gate and capacity tables), and one unfinished run; then the report."""
+    root = tmp_path_factory.mktemp("runs")
+    for strategy, seeds in (("naive", (0, 1)), ("ccgn", (0,)), ("hat", (0,))):
+        for seed in seeds:
+            run(RunConfig(scenario=tiny_scenario_module, strategy=strategy, seed=seed, results_dir=str(root)))
+    unfinished = root / tiny_scenario_module / "task" / "naive" / "seed7"
+    unfinished.mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("strategy: naive\n")
+    assert main(["report", str(root)]) == 0
+    return root / "report"
+
+
+def test_report_writes_tables_and_every_figure(report_dir):
+    summary = pd.read_csv(report_dir / "summary.csv")
+    assert sorted(summary.strategy) == ["ccgn", "hat", "naive"]
+    assert summary.set_index("strategy").seeds.to_dict() == {"ccgn": 1, "hat": 1, "naive": 2}
+    assert "±" in summary.set_index("strategy").loc["naive", "accuracy"]
+    assert r"\pm" in (report_dir / "summary.tex").read_text()
+    for name in FIGURES:
+        for suffix in ("png", "pdf"):
+            assert (report_dir / "figures" / f"tiny_task_{name}.{suffix}").stat().st_size > 1000, name
+    page = (report_dir / "report.html").read_text()
+    assert page.count("<img src=\"data:image/png;base64,") == len(FIGURES)
+    assert "seed7" in page  # listed as unfinished, not mixed in
+
+
+def test_comparison_flags_differences_beyond_the_seed_spread(tmp_path):
+    for seed, accuracy in ((0, 0.50), (1, 0.70)):
+        fabricate_run(tmp_path / "before", "a", seed, accuracy)
+    for seed, accuracy in ((0, 0.90), (1, 0.92)):
+        fabricate_run(tmp_path / "after", "a", seed, accuracy)
+    before, _ = load_finished_runs(tmp_path / "before")
+    after, _ = load_finished_runs(tmp_path / "after")
+    rows = compare(before, after).set_index("metric")
+    assert rows.loc["average_accuracy", "difference"] == pytest.approx(0.31)
+    assert rows.loc["average_accuracy", "spread"] == pytest.approx(0.1414214)
+    assert rows.loc["average_accuracy", "exceeds_spread"]
+    assert not rows.loc["train_time_s", "exceeds_spread"]  # 3.0 s in both
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="needs Debian's chromium and chromium-driver (installed by .ci/run)")
+def test_html_report_renders_in_headless_chromium(report_dir):
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.get((report_dir / "report.html").as_uri())
+        sizes = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        errors = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+    assert len(sizes) == len(FIGURES)
+    assert all(complete and width > 100 and height > 100 for complete, width, height in sizes)
+    assert errors == []
