@@ -4,9 +4,12 @@ transforms for 32x32 RGB inputs."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -106,15 +109,21 @@ def unpacked(archive: Path) -> Path:
     """The folder an archive unpacks to, in the cache (unpacked once; never next to the
     archive, which may be read-only)."""
     target = cache_root() / "unpacked" / archive.name.removesuffix(".tar.gz").removesuffix(".tgz").removesuffix(".tar")
-    done = target / ".clbench-unpacked"
-    if done.exists():
+    if target.exists():
         return target
+    # Unpack beside the target and rename it into place: other processes never see half a tree.
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(target, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as error:
+            tar.extractall(temporary, filter="data")
+        os.rename(temporary, target)
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as error:
         raise UserError(f"cannot unpack {archive} ({error}); the archive is corrupt: download it again") from None
-    done.write_text(str(archive))
+    except OSError:
+        if not target.exists():  # not just another process that got there first
+            raise
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
     return target
 
 

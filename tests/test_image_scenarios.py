@@ -144,6 +144,14 @@ def test_imagenet50_from_a_tiny_imagenet_archive(tmp_path):
     assert not (tmp_path / "data" / "archives" / "tiny-imagenet-200").exists()  # unpacked in the cache only
 
 
+def test_corrupt_archive_is_a_clear_error(tmp_path):
+    (tmp_path / "archives").mkdir()
+    (tmp_path / "archives" / "cifar10-jpeg.tar.gz").write_bytes(b"\x1f\x8b truncated")
+    with pytest.raises(UserError, match="corrupt"):
+        build_scenario("split_cifar10_jpeg", "task", tmp_path)
+    assert not (tmp_path / "cache" / "unpacked" / "cifar10-jpeg").exists()
+
+
 def test_missing_imagenet50_names_both_layouts(tmp_path):
     with pytest.raises(UserError) as error:
         build_scenario("imagenet50", "task", tmp_path)
