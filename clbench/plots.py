@@ -55,20 +55,20 @@ def task_accuracy_curves(matrix: np.ndarray, title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def _layer_by_task_heatmap(values: pd.DataFrame, colorbar: str, xlabel: str, title: str, path: Path) -> None:
+def _layer_by_task_heatmap(ax, values: pd.DataFrame, colorbar: str, xlabel: str, title: str) -> None:
     """Rows: layers (network order); columns: tasks; cells: percentages."""
-    fig, ax = plt.subplots(figsize=(1.0 * values.shape[1] + 3, 0.35 * len(values) + 1.8))
     image = ax.imshow(100 * values.to_numpy(), vmin=0, vmax=100, cmap="viridis", aspect="auto")
-    for i in range(len(values)):
-        for j in range(values.shape[1]):
-            value = 100 * values.iat[i, j]
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8, color="black" if value > 60 else "white")
+    for (i, j), value in np.ndenumerate(100 * values.to_numpy()):
+        ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8, color="black" if value > 60 else "white")
     ax.set_xticks(range(values.shape[1]), [str(c) for c in values.columns])
     ax.set_yticks(range(len(values)), values.index)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=10)
-    fig.colorbar(image, ax=ax, label=colorbar)
+    ax.figure.colorbar(image, ax=ax, label=colorbar)
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
@@ -77,13 +77,23 @@ def _layer_by_task_heatmap(values: pd.DataFrame, colorbar: str, xlabel: str, tit
 def gate_usage_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
     """Mean gate firing rate of each task's path per layer (averaged over its classes)."""
     values = table.pivot_table(index="layer", columns="task", values="firing_rate", sort=False)
-    _layer_by_task_heatmap(values, "open gates (% of kernels)", "task's path", title, path)
+    fig, ax = plt.subplots(figsize=(1.0 * values.shape[1] + 3, 0.35 * len(values) + 1.8))
+    _layer_by_task_heatmap(ax, values, "open gates (% of kernels)", "task's path", title)
+    _save(fig, path)
 
 
 def kernel_usage_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
-    """Kernels frozen per layer after each task (the rest are free for later tasks)."""
-    values = table.pivot_table(index="layer", columns="after_task", values="frozen", sort=False)
-    _layer_by_task_heatmap(values, "kernels used by past tasks (%)", "after training task", title, path)
+    """Left: kernels each task used (of which reused from earlier tasks, in brackets);
+    right: kernels in use by the learned tasks after each task (the rest are free)."""
+    used, reused, taken = (table.pivot_table(index="layer", columns="after_task", values=v, sort=False)
+                           for v in ("used", "reused", "frozen"))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(2.0 * used.shape[1] + 5, 0.35 * len(used) + 2.0))
+    _layer_by_task_heatmap(left, used, "used by the task (%)", "task", "used by each task (reused from earlier)")
+    for (i, j), value in np.ndenumerate(100 * reused.to_numpy()):
+        left.texts[i * used.shape[1] + j].set_text(f"{100 * used.iat[i, j]:.0f} ({value:.0f})")
+    _layer_by_task_heatmap(right, taken, "in use (%)", "after training task", "in use by learned tasks")
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
 
 
 # Figures for the extra tables a strategy saves (`artifacts()`), by table name.
