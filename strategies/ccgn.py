@@ -18,8 +18,13 @@ class CCGN(Strategy):
     changes. Class setting: a task classifier on all paths picks the head.
 
     Choices where the paper is silent or this implementation differs:
-    - lambda_s defaults to 0.5, the best of 0.5, 1 and 3 on Split MNIST (task setting, 1 epoch); the
-      paper's value is not known (a public reimplementation tried 0.1-0.5).
+    - Trained with Adam (lr hyperparameter), not the run's optimizer: the paper's optimiser
+      is not known, and with SGD (lr 0.01, momentum 0.9) one epoch per task left the gates
+      dense (about half open per sample), so the first task froze nearly every kernel.
+    - lambda_s defaults to 0.1 (the paper's value is not known; a public reimplementation
+      tried 0.1-0.5). On Split MNIST (task setting, 1 epoch, Adam) it executes about 7% of
+      the dense MACs after the first task, as in the paper's cost table; 0.02 gave higher
+      accuracy at about 30%.
     - Firing rates come from a held-out part (holdout_fraction) of each task's training
       data, which is not trained on; kernels with a rate above firing_threshold are frozen.
     - At test a learned task's gates can open only the kernels it was frozen with, so a
@@ -33,7 +38,8 @@ class CCGN(Strategy):
     name = "ccgn"
 
     class Hparams(TaskClassifierHparams):
-        sparsity: float = Field(0.5, ge=0, description="lambda_s: weight of the mean gate activation in the loss")
+        sparsity: float = Field(0.1, ge=0, description="lambda_s: weight of the mean gate activation in the loss")
+        lr: float = Field(1e-3, gt=0, description="Adam learning rate (ccgn's own; the run's optimizer is not used)")
         temperature: float = Field(2 / 3, gt=0, description="Gumbel-sigmoid relaxation temperature (backward pass)")
         firing_threshold: float = Field(0.0, ge=0, lt=1, description="kernels firing more often than this are frozen")
         holdout_fraction: float = Field(0.1, gt=0, lt=1, description="share of each task's training data kept to measure firing rates")
@@ -48,8 +54,8 @@ class CCGN(Strategy):
         return build_path_model(backbone, width, input_shape, setting, task_classes, n_classes, make_layer)
 
     def build(self, model, hp, loop):
-        return ConditionalGating(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion, hp=hp,
-                                 **loop.template_kwargs())
+        return ConditionalGating(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=hp.lr),
+                                 criterion=loop.criterion, hp=hp, **loop.template_kwargs())
 
 
 class ConditionalGating(TaskClassifierTraining, SupervisedTemplate):
