@@ -112,7 +112,7 @@ def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.nd
         + [("executed_macs", step + 1, j + 1, macs[step, j]) for step in range(last) for j in range(last)]
         # Per step, the mean over the tasks learned so far.
         + [("executed_macs", step + 1, None, macs[step, : step + 1].mean()) for step in range(last)]
-        + [(name, last, None, costs[name]) for name in ("stored_examples", "parameters", "model_size_bytes")],
+        + [(name, last, None, costs[name]) for name in ("stored_examples", "nonfinite_loss_iterations", "parameters", "model_size_bytes")],
         columns=["metric", "step", "task", "value"]).astype({"task": "Int64"}))
     atomic_write(run_dir / "metrics.csv", lambda p: pd.concat(tables, ignore_index=True).to_csv(p, index=False))
     write_text(run_dir / "environment.json", json.dumps(environment(cfg, started, scenario.source), indent=2))

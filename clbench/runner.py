@@ -30,18 +30,21 @@ from clbench.registry import TrainingLoop, get_strategy
 warnings.filterwarnings("ignore", message="No loggers specified")
 
 
-class ProgressBar(SupervisedPlugin):
-    """A tqdm bar per training epoch (shown only on a terminal)."""
+class TrainingProgress(SupervisedPlugin):
+    """A tqdm bar per training epoch (shown only on a terminal), and a count of training
+    iterations whose loss was not finite (a diverged run)."""
 
     def __init__(self):
         super().__init__()
         self.task = 0
+        self.nonfinite_losses = 0
 
     def before_training_epoch(self, strategy, **kwargs):
         self.bar = tqdm(total=len(strategy.dataloader), leave=False, disable=None,
                         desc=f"train task {self.task} epoch {strategy.clock.train_exp_epochs + 1}/{strategy.train_epochs}")
 
     def after_training_iteration(self, strategy, **kwargs):
+        self.nonfinite_losses += not torch.isfinite(strategy.loss).item()
         self.bar.set_postfix(loss=f"{strategy.loss.item():.3f}", refresh=False)
         self.bar.update()
 
@@ -126,7 +129,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
     # Only now, with every input checked, does a run folder appear.
     run_dir = results.start_run(cfg, overwrite)
     started = time.time()
-    progress = ProgressBar()
+    progress = TrainingProgress()
     loop = TrainingLoop(optimizer=partial(make_optimizer, cfg), criterion=torch.nn.CrossEntropyLoss(),
                         train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size,
                         device=cfg.device, plugins=[progress], evaluator=partial(EvaluationPlugin, loggers=[]))
@@ -155,8 +158,12 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
         before_training=before_training,
         costs={"train_time_s": train_times, "eval_time_s": eval_times,
                "stored_examples": strategy_cls.stored_examples(hparams, scenario),
+               "nonfinite_loss_iterations": progress.nonfinite_losses,
                "parameters": parameter_count(strategy.model), "model_size_bytes": model_size_bytes(strategy.model)},
         artifacts=strategy.artifacts() if hasattr(strategy, "artifacts") else {},
         started=started,
     )
+    if progress.nonfinite_losses:
+        warnings.warn(f"{progress.nonfinite_losses} training iterations had a non-finite loss: the run diverged "
+                      f"(see nonfinite_loss_iterations in {run_dir / 'metrics.csv'})", stacklevel=2)
     return run_dir

@@ -68,3 +68,10 @@ def test_summary_is_mean_and_std_over_seeds_of_each_configuration(tmp_path):
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert any("| a " in line and "0.600 ± 0.141" in line for line in lines)
     assert any("lam=2" in line and "0.900" in line for line in lines)
+
+
+def test_a_diverged_run_reports_its_non_finite_losses(tiny_scenario, tmp_path):
+    with pytest.warns(UserWarning, match="diverged"):
+        run_dir = run(RunConfig(scenario=tiny_scenario, lr=1e12, results_dir=str(tmp_path)))
+    table = pd.read_csv(run_dir / "metrics.csv").set_index("metric")
+    assert table.loc["nonfinite_loss_iterations", "value"] > 0
