@@ -28,9 +28,10 @@ TABLE_METRICS = {
     "forward_transfer": "FWT", "task_aware_average_accuracy": "task-aware acc.",
     "task_inference_average_accuracy": "task-inference acc.", "executed_macs": "MACs/sample",
     "stored_examples": "stored examples", "parameters": "parameters", "model_size_bytes": "size (MB)",
-    "train_time_s": "train time (s)",
+    "train_time_s": "train time (s)", "nonfinite_loss_iterations": "non-finite losses",
 }
-COUNTS = ("stored_examples", "parameters")
+COUNTS = ("stored_examples", "parameters", "nonfinite_loss_iterations")
+SHOWN_IF_NONZERO = ("nonfinite_loss_iterations",)  # a diverged run
 
 
 def format_mean_std(mean: float, std: float, metric: str) -> str:
@@ -62,7 +63,8 @@ def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
     if varying.any():
         shown.insert(3, "hparams", summary.hparams.where(varying, ""))
     for metric, title in TABLE_METRICS.items():
-        if f"{metric}_mean" in summary and summary[f"{metric}_mean"].notna().any():
+        values = summary.get(f"{metric}_mean", pd.Series(dtype=float))
+        if values.notna().any() and (metric not in SHOWN_IF_NONZERO or (values > 0).any()):
             shown[title] = [format_mean_std(m, s, metric)
                             for m, s in zip(summary[f"{metric}_mean"], summary[f"{metric}_std"])]
     return shown

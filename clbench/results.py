@@ -164,7 +164,7 @@ def load_finished_runs(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
 
 SUMMARY_METRICS = ("average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer",
                    "task_aware_average_accuracy", "task_inference_average_accuracy", "executed_macs",
-                   "stored_examples", "parameters", "model_size_bytes", "train_time_s")
+                   "stored_examples", "parameters", "model_size_bytes", "train_time_s", "nonfinite_loss_iterations")
 
 
 def summarise_runs(runs: pd.DataFrame) -> pd.DataFrame:
