@@ -180,6 +180,7 @@ def test_cached_and_decoded_images_are_identical(tmp_path):
     root = write_folder(tmp_path / "folder")
     cached, lazy = (build_scenario("image_folder", "class", root, cache=c) for c in (True, False))
     assert list((tmp_path / "cache" / "decoded").glob("*.npy"))
+    assert cached.benchmark.train_stream[0].dataset[0][0].is_contiguous()
     a, b = (s.benchmark.test_stream[1].dataset.eval() for s in (cached, lazy))
     assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
 
