@@ -14,6 +14,7 @@ from torchvision.datasets import CIFAR10, SVHN
 
 from clbench.cli import main
 from clbench.datasets import IMAGENET50_WNIDS, build_scenario
+from clbench.datasets.images import decoded_images
 from clbench.errors import UserError
 
 rng = np.random.default_rng(0)
@@ -180,9 +181,15 @@ def test_cached_and_decoded_images_are_identical(tmp_path):
     root = write_folder(tmp_path / "folder")
     cached, lazy = (build_scenario("image_folder", "class", root, cache=c) for c in (True, False))
     assert list((tmp_path / "cache" / "decoded").glob("*.npy"))
-    assert cached.benchmark.train_stream[0].dataset[0][0].is_contiguous()
     a, b = (s.benchmark.test_stream[1].dataset.eval() for s in (cached, lazy))
     assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
+
+
+def test_decoded_images_are_contiguous_whether_fresh_or_from_the_cache(tmp_path):
+    paths = sorted((write_folder(tmp_path / "folder") / "train").rglob("*.JPEG"))
+    fresh, cached = decoded_images(paths, 32, True), decoded_images(paths, 32, True)
+    assert fresh.shape == (len(paths), 3, 32, 32) and fresh.is_contiguous() and cached.is_contiguous()
+    assert torch.equal(fresh, cached)
 
 
 def test_corrupt_image_is_a_clear_error(tmp_path):
