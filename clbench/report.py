@@ -21,7 +21,7 @@ from clbench.errors import UserError  # noqa: E402
 from clbench.results import RUN_KEYS, load_metrics, load_finished_runs, summarise_runs  # noqa: E402
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
-MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<"]  # not a multiple of 8: colour repeats get new markers
 LINESTYLES = ["-", "--", ":", "-."]
 TABLE_METRICS = {
     "average_accuracy": "accuracy", "average_forgetting": "forgetting", "backward_transfer": "BWT",
