@@ -26,7 +26,7 @@ class RunConfig(BaseModel):
     epochs: int = Field(1, gt=0, description="training epochs per task")
     batch_size: int = Field(32, gt=0, description="training mini-batch size")
     eval_batch_size: int = Field(512, gt=0, description="evaluation mini-batch size")
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimiser, re-created for every task")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimiser (ccgn and HAT use their own, see clbench list)")
     lr: float = Field(0.01, gt=0, description="learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     backbone: str | None = Field(None, description="feature extractor: small_cnn or resnet18 (default: the scenario's)")
