@@ -8,15 +8,13 @@ protects the weights they use.
 
 from __future__ import annotations
 
-import pandas as pd
 import torch
-from avalanche.training.templates import SupervisedTemplate
 from pydantic import Field
 from torch import nn
 
 from clbench.gated import PathLayer, TaskPathNet
 from clbench.registry import Hyperparameters
-from clbench.task_classifier import TaskClassifierTraining
+from clbench.path_training import TaskPathTraining
 
 
 class HATHparams(Hyperparameters):
@@ -87,36 +85,16 @@ def attention_regulariser(masks: list[torch.Tensor], previous: list[torch.Tensor
     return new / free if free > 0 else torch.zeros(())
 
 
-class HardAttention(TaskClassifierTraining, SupervisedTemplate):
-    """Training procedure of HAT on a `TaskPathNet` of `AttentionLayer`s; in the class
-    setting also the task classifier (see `clbench.task_classifier`)."""
+class HardAttention(TaskPathTraining):
+    """Training procedure of HAT on a `TaskPathNet` of `AttentionLayer`s."""
 
     def __init__(self, *, model: TaskPathNet, hp, **kwargs):
         optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum)
-        super().__init__(model=model, optimizer=optimizer, **kwargs)
-        self.hp = hp
-        self.usage_rows = []
-
-    @property
-    def task(self) -> int:
-        return self.experience.current_experience
+        super().__init__(model=model, optimizer=optimizer, hp=hp, **kwargs)
 
     @property
     def layers(self) -> list[AttentionLayer]:
         return self.model.path_layers
-
-    def artifacts(self) -> dict[str, pd.DataFrame]:
-        return {"kernel_usage": pd.DataFrame(self.usage_rows)}
-
-    def make_optimizer(self, **kwargs):
-        # Momentum left over from the previous task would move protected weights.
-        super().make_optimizer(**{**kwargs, "reset_optimizer_state": True})
-
-    def _before_training_exp(self, **kwargs):
-        classes = self.model.task_classes[self.task]
-        self.local_label = torch.full((self.model.n_classes,), -1, dtype=torch.long, device=self.device)
-        self.local_label[classes] = torch.arange(len(classes), device=self.device)
-        super()._before_training_exp(**kwargs)
 
     def _before_training_iteration(self, **kwargs):
         self.s = annealed_scale(self.clock.train_epoch_iterations, len(self.dataloader), self.hp.s_max)
@@ -124,14 +102,10 @@ class HardAttention(TaskClassifierTraining, SupervisedTemplate):
             layer.s = self.s
         super()._before_training_iteration(**kwargs)
 
-    def forward(self):
-        return self.model.forward_single_task(self.mb_x, self.task)
-
     def criterion(self):
-        labels = self.mb_y if self.model.setting == "task" else self.local_label[self.mb_y]
-        masks = [layer.attention(self.task, self.s) for layer in self.layers]
+        masks = [mask[0] for mask in self.model.last_masks]  # the same for every sample
         regulariser = attention_regulariser(masks, [layer.cumulative for layer in self.layers])
-        return self._criterion(self.mb_output, labels) + self.hp.c * regulariser
+        return self.task_loss() + self.hp.c * regulariser
 
     def optimizer_step(self):
         for layer in self.layers:
@@ -145,27 +119,16 @@ class HardAttention(TaskClassifierTraining, SupervisedTemplate):
             for layer in self.layers:
                 layer.embedding.weight.clamp_(-self.hp.clamp, self.hp.clamp)
 
-    def _after_training_exp(self, **kwargs):
-        self.accumulate_masks()
-        self.model.heads[self.task].requires_grad_(False)
-        self.model.tasks_learned = self.task + 1
-        self.learn_task_classifier(self.task)
-        super()._after_training_exp(**kwargs)
-
     @torch.no_grad()
-    def accumulate_masks(self):
+    def protect_task(self):
         """Fold this task's masks (at s_max) into the cumulative ones; record capacity used."""
         self.model.eval()
         sample = self.experience.dataset.eval()[0][0].unsqueeze(0).to(self.device)
         self.model.forward_single_task(sample, self.task)  # records every layer's input mask
         for name, layer in self.model.named_path_layers().items():
             mask = layer.attention(self.task, self.hp.s_max)
-            used, before = mask > 0.5, layer.cumulative > 0.5
+            before = layer.cumulative > 0.5
             layer.cumulative = torch.maximum(layer.cumulative, mask)
             layer.cumulative_in = torch.maximum(layer.cumulative_in, layer.in_mask[0])
             layer.set_frozen_statistics(layer.cumulative > 0.5)
-            self.usage_rows.append({
-                "after_task": self.task + 1, "layer": name, "kernels": layer.out_units,
-                "used": used.float().mean().item(), "reused": (used & before).float().mean().item(),
-                "frozen": (layer.cumulative > 0.5).float().mean().item(),
-                "free": 1 - (layer.cumulative > 0.5).float().mean().item()})
+            self.record_usage(name, mask > 0.5, before, layer.cumulative > 0.5)

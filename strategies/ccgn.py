@@ -2,13 +2,12 @@ from functools import partial
 
 import pandas as pd
 import torch
-from avalanche.training.templates import SupervisedTemplate
 from pydantic import Field
 from torch.utils.data import DataLoader
 
-from clbench.gated import GatedLayer, TaskPathNet, build_path_model
+from clbench.gated import GatedLayer, build_path_model
 from clbench.registry import Strategy, register
-from clbench.task_classifier import TaskClassifierHparams, TaskClassifierTraining
+from clbench.path_training import TaskClassifierHparams, TaskPathTraining
 
 
 @register
@@ -31,7 +30,7 @@ class CCGN(Strategy):
       re-initialised kernel can never leak into an old task's path (exact stability).
     - Frozen batch-norm channels use their stored statistics during later training.
     - Class setting: the task classifier is trained after each task on frozen features
-      (see `clbench.task_classifier`).
+      (see `clbench.path_training`).
     - On the small CNN the fully connected layer is gated too (its units are kernels).
     """
 
@@ -58,20 +57,15 @@ class CCGN(Strategy):
                                  criterion=loop.criterion, hp=hp, **loop.template_kwargs())
 
 
-class ConditionalGating(TaskClassifierTraining, SupervisedTemplate):
+class ConditionalGating(TaskPathTraining):
     """Training procedure of the gated network (see `CCGN`)."""
 
-    def __init__(self, *, model: TaskPathNet, hp: CCGN.Hparams, **kwargs):
-        super().__init__(model=model, **kwargs)
-        self.hp = hp
-        self.kernel_rows, self.gate_rows = [], []
-
-    @property
-    def task(self) -> int:
-        return self.experience.current_experience
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.gate_rows = []  # gate_usage.csv
 
     def artifacts(self) -> dict[str, pd.DataFrame]:
-        return {"kernel_usage": pd.DataFrame(self.kernel_rows), "gate_usage": pd.DataFrame(self.gate_rows)}
+        return {**super().artifacts(), "gate_usage": pd.DataFrame(self.gate_rows)}
 
     def train_dataset_adaptation(self, **kwargs):
         dataset = self.experience.dataset.train()
@@ -84,38 +78,22 @@ class ConditionalGating(TaskClassifierTraining, SupervisedTemplate):
         # The gating modules' batch norm needs more than one sample per batch.
         super().make_train_dataloader(**{**kwargs, "drop_last": True})
 
-    def make_optimizer(self, **kwargs):
-        # Momentum left over from the previous task would move frozen kernels.
-        super().make_optimizer(**{**kwargs, "reset_optimizer_state": True})
-
     def _before_training_exp(self, **kwargs):
         for layer in self.model.path_layers:
             layer.reinitialise_free_kernels()
-        classes = self.model.task_classes[self.task]
-        self.local_label = torch.full((self.model.n_classes,), -1, dtype=torch.long, device=self.device)
-        self.local_label[classes] = torch.arange(len(classes), device=self.device)
         super()._before_training_exp(**kwargs)
 
-    def forward(self):
-        return self.model.forward_single_task(self.mb_x, self.task)
-
     def criterion(self):
-        labels = self.mb_y if self.model.setting == "task" else self.local_label[self.mb_y]
         sparsity = torch.stack([gates.mean() for gates in self.model.last_masks]).mean()
-        return self._criterion(self.mb_output, labels) + self.hp.sparsity * sparsity
+        return self.task_loss() + self.hp.sparsity * sparsity
 
     def optimizer_step(self):
         for layer in self.model.path_layers:
             layer.mask_frozen_gradients()
         super().optimizer_step()
 
-    def _after_training_exp(self, **kwargs):
-        self.freeze_used_kernels()
-        self.learn_task_classifier(self.task)
-        super()._after_training_exp(**kwargs)
-
     @torch.no_grad()
-    def freeze_used_kernels(self):
+    def protect_task(self):
         """Firing rates of the task's kernels on held-out data; freeze those that fired."""
         model, task = self.model, self.task
         model.eval()
@@ -135,11 +113,6 @@ class ConditionalGating(TaskClassifierTraining, SupervisedTemplate):
             self.gate_rows.append({"task": task + 1, "class": global_class[label], "layer": name, "firing_rate": opened / seen})
         for name, layer in layers.items():
             used = fired[name] / len(self.held_out) > self.hp.firing_threshold
-            reused = (used & layer.frozen).float().mean().item()
+            before = layer.frozen.clone()
             layer.freeze(task, used)
-            self.kernel_rows.append({"after_task": task + 1, "layer": name, "kernels": layer.out_units,
-                                     "used": used.float().mean().item(), "reused": reused,
-                                     "frozen": layer.frozen.float().mean().item(),
-                                     "free": 1 - layer.frozen.float().mean().item()})
-        model.heads[task].requires_grad_(False)
-        model.tasks_learned = task + 1
+            self.record_usage(name, used, before, layer.frozen)

@@ -1,7 +1,7 @@
 from clbench.hat import HATHparams
 from clbench.registry import register
 from clbench.strategies.hat import HAT
-from clbench.task_classifier import TaskClassifierHparams
+from clbench.path_training import TaskClassifierHparams
 
 
 @register

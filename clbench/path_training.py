@@ -1,0 +1,110 @@
+"""Training shared by the strategies whose network has one path per task (`TaskPathNet`:
+ccgn, hat, hat_tc), including the class setting's task classifier (Abati et al., CVPR
+2020): all learned paths run on the input, their features are concatenated, and an MLP
+picks the task whose head answers.
+"""
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from avalanche.training.templates import SupervisedTemplate
+from pydantic import Field
+from torch.utils.data import DataLoader, TensorDataset
+
+from clbench.registry import Hyperparameters
+
+
+class TaskClassifierHparams(Hyperparameters):
+    memory_size: int = Field(500, gt=0, description="class setting: episodic memory C of the task classifier")
+    classifier_epochs: int = Field(10, gt=0, description="class setting: task-classifier epochs after each task")
+    classifier_lr: float = Field(1e-3, gt=0, description="class setting: task-classifier Adam learning rate")
+
+
+class TaskPathTraining(SupervisedTemplate):
+    """Each task trains its own path and head on task-local labels; the optimiser state is
+    reset for every task (momentum left over would move protected weights). After a task
+    the subclass's `protect_task()` protects its path, its head is frozen and, in the
+    class setting, the episodic memory is updated and the task classifier fitted.
+
+    Memory: memory_size // tasks random training examples per learned task. The
+    classifier is trained on the frozen paths' features of the task's training data plus
+    the memory, for classifier_epochs with Adam, with a loss weighted so that every task
+    counts equally."""
+
+    def __init__(self, *, hp, **kwargs):
+        super().__init__(**kwargs)
+        self.hp = hp
+        self.usage_rows = []  # kernel_usage.csv
+        self.memory: dict[int, torch.Tensor] = {}  # task -> stored inputs
+
+    @property
+    def task(self) -> int:
+        return self.experience.current_experience
+
+    def artifacts(self) -> dict[str, pd.DataFrame]:
+        return {"kernel_usage": pd.DataFrame(self.usage_rows)}
+
+    def make_optimizer(self, **kwargs):
+        super().make_optimizer(**{**kwargs, "reset_optimizer_state": True})
+
+    def _before_training_exp(self, **kwargs):
+        classes = self.model.task_classes[self.task]
+        self.local_label = torch.full((self.model.n_classes,), -1, dtype=torch.long, device=self.device)
+        self.local_label[classes] = torch.arange(len(classes), device=self.device)
+        super()._before_training_exp(**kwargs)
+
+    def forward(self):
+        return self.model.forward_single_task(self.mb_x, self.task)
+
+    def task_loss(self) -> torch.Tensor:
+        labels = self.mb_y if self.model.setting == "task" else self.local_label[self.mb_y]
+        return self._criterion(self.mb_output, labels)
+
+    def protect_task(self):
+        raise NotImplementedError
+
+    def record_usage(self, name: str, used: torch.Tensor, before: torch.Tensor, after: torch.Tensor) -> None:
+        """One row of kernel_usage.csv: the share of a layer's kernels this task used, of
+        those already in use by earlier tasks, and of those in use after it."""
+        self.usage_rows.append({"after_task": self.task + 1, "layer": name, "kernels": len(used),
+                                "used": used.float().mean().item(), "reused": (used & before).float().mean().item(),
+                                "frozen": after.float().mean().item(), "free": 1 - after.float().mean().item()})
+
+    def _after_training_exp(self, **kwargs):
+        self.protect_task()
+        self.model.heads[self.task].requires_grad_(False)
+        self.model.tasks_learned = self.task + 1
+        if self.model.setting == "class":
+            self.update_memory()
+            self.train_task_classifier()
+        super()._after_training_exp(**kwargs)
+
+    @torch.no_grad()
+    def update_memory(self):
+        per_task = self.hp.memory_size // (self.task + 1)
+        for past in self.memory:
+            self.memory[past] = self.memory[past][:per_task]
+        dataset = self.adapted_dataset.eval()
+        chosen = torch.randperm(len(dataset))[:per_task].tolist()
+        self.memory[self.task] = next(iter(DataLoader(dataset.subset(chosen), batch_size=len(chosen))))[0]
+
+    def train_task_classifier(self):
+        model, task = self.model, self.task
+        model.eval()
+        inputs = [(x, torch.full((len(x),), task)) for x, _, _ in
+                  DataLoader(self.adapted_dataset.eval(), batch_size=self.eval_mb_size)]
+        inputs += [(x, torch.full((len(x),), past)) for past, x in self.memory.items() if past != task]
+        with torch.no_grad():
+            features = torch.cat([torch.cat(model.path_features(x.to(self.device))[0], 1) for x, _ in inputs])
+        tasks = torch.cat([t for _, t in inputs]).to(self.device)
+        counts = torch.bincount(tasks, minlength=task + 1).float()
+        weights = counts.sum() / (len(counts) * counts)
+        optimizer = torch.optim.Adam(model.task_classifier.parameters(), lr=self.hp.classifier_lr)
+        model.task_classifier.train()
+        for _ in range(self.hp.classifier_epochs):
+            for f, t in DataLoader(TensorDataset(features, tasks), batch_size=self.train_mb_size, shuffle=True):
+                loss = F.cross_entropy(model.classify_task(f), t, weight=weights)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        model.eval()
