@@ -103,7 +103,7 @@ class HardAttention(TaskPathTraining):
         super()._before_training_iteration(**kwargs)
 
     def criterion(self):
-        masks = [mask[0] for mask in self.model.last_masks]  # the same for every sample
+        masks = [layer.attention(self.task, self.s) for layer in self.layers]
         regulariser = attention_regulariser(masks, [layer.cumulative for layer in self.layers])
         return self.task_loss() + self.hp.c * regulariser
 
