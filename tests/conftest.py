@@ -1,10 +1,13 @@
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from avalanche.training.plugins import EvaluationPlugin
 
-from clbench.datasets import SCENARIOS, TensorImageDataset, load_split_mnist_mini
+from clbench.datasets import SCENARIOS, TensorImageDataset, build_scenario, load_split_mnist_mini
+from clbench.registry import TrainingLoop
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
@@ -27,6 +30,24 @@ def register_tiny(monkeypatch) -> str:
 
     monkeypatch.setitem(SCENARIOS, "tiny", dataclasses.replace(SCENARIOS["split_mnist_mini"], name="tiny", load=load))
     return "tiny"
+
+
+def train_tasks(strategy_cls, scenario_name, setting, tasks, backbone, width, hparams, after_task=None):
+    """Train a strategy on the first `tasks` tasks of a 28x28 scenario (2 epochs, batch 32,
+    its own optimiser); `after_task(strategy, scenario, task)` runs after each."""
+    torch.manual_seed(0)
+    scenario = build_scenario(scenario_name, setting, None, 0, False)
+    hp = strategy_cls.parse_hparams(hparams)
+    model = strategy_cls.make_model(hp, backbone, width, (1, 28, 28), setting, scenario.task_classes,
+                                    scenario.n_classes)
+    loop = TrainingLoop(optimizer=None, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2,
+                        eval_mb_size=256, device="cpu", evaluator=partial(EvaluationPlugin, loggers=[]))
+    strategy = strategy_cls().build(model, hp, loop)
+    for task, experience in enumerate(scenario.benchmark.train_stream[:tasks]):
+        strategy.train(experience)
+        if after_task:
+            after_task(strategy, scenario, task)
+    return strategy, scenario
 
 
 @pytest.fixture

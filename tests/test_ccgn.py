@@ -1,35 +1,21 @@
 """The conditional channel-gated network: gates, freezing, stability, sparsity, task
 classifier and compute accounting."""
 
-from functools import partial
-
 import pytest
 import torch
-from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from clbench.datasets import build_scenario
 from clbench.gated import FreezableBatchNorm2d, GatedLayer, PathLayer
-from clbench.registry import TrainingLoop, get_strategy
+from clbench.registry import get_strategy
+from conftest import train_tasks
 
 CCGN = get_strategy("ccgn")
 
 
 def train(scenario_name, setting, tasks, backbone="small_cnn", width=8, after_task=None, **hparams):
-    """Train ccgn on the first `tasks` tasks; `after_task(strategy, scenario, task)` runs after each."""
-    torch.manual_seed(0)
-    scenario = build_scenario(scenario_name, setting, None, 0, False)
-    hp = CCGN.parse_hparams({"lr": 0.01, **hparams})  # a fast learning rate for the tiny scenario
-    model = CCGN.make_model(hp, backbone, width, (1, 28, 28), setting, scenario.task_classes, scenario.n_classes)
-    loop = TrainingLoop(optimizer=None, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2, eval_mb_size=256,
-                        device="cpu", evaluator=partial(EvaluationPlugin, loggers=[]))
-    strategy = CCGN().build(model, hp, loop)
-    for task, experience in enumerate(scenario.benchmark.train_stream[:tasks]):
-        strategy.train(experience)
-        if after_task:
-            after_task(strategy, scenario, task)
-    return strategy, scenario
+    # A fast learning rate for the tiny scenario.
+    return train_tasks(CCGN, scenario_name, setting, tasks, backbone, width, {"lr": 0.01, **hparams}, after_task)
 
 
 @torch.no_grad()

@@ -1,34 +1,20 @@
 """HAT: protection of past weights, regulariser, s annealing, embedding-gradient
 compensation, stability in the task setting."""
 
-from functools import partial
-
 import pytest
 import torch
-from avalanche.training.plugins import EvaluationPlugin
 from torch.utils.data import DataLoader
 
 from clbench.cli import main
-from clbench.datasets import build_scenario
 from clbench.hat import AttentionLayer, annealed_scale, attention_regulariser, compensate_embedding_gradient
-from clbench.registry import TrainingLoop, get_strategy
+from clbench.registry import get_strategy
+from conftest import train_tasks
 
 HAT = get_strategy("hat")
 
 
 def train(scenario_name, tasks, backbone="small_cnn", width=8, after_task=None):
-    torch.manual_seed(0)
-    scenario = build_scenario(scenario_name, "task", None, 0, False)
-    hp = HAT.parse_hparams({})
-    model = HAT.make_model(hp, backbone, width, (1, 28, 28), "task", scenario.task_classes, scenario.n_classes)
-    loop = TrainingLoop(optimizer=None, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2,
-                        eval_mb_size=256, device="cpu", evaluator=partial(EvaluationPlugin, loggers=[]))
-    strategy = HAT().build(model, hp, loop)
-    for task, experience in enumerate(scenario.benchmark.train_stream[:tasks]):
-        strategy.train(experience)
-        if after_task:
-            after_task(strategy, scenario, task)
-    return strategy, scenario
+    return train_tasks(HAT, scenario_name, "task", tasks, backbone, width, {}, after_task)
 
 
 @torch.no_grad()
