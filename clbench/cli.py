@@ -85,12 +85,12 @@ def table(results_dir, output):
     """Final metrics of the finished runs under RESULTS_DIR, mean ± std over seeds, as a
     Markdown table (unfinished runs are left out and listed)."""
     from clbench.report import summary_table
-    from clbench.results import load_finished_runs
+    from clbench.results import load_finished_runs, summarise_runs
 
     runs, unfinished = load_finished_runs(results_dir)
     if runs.empty:
         raise UserError(f"no finished runs under {results_dir}")
-    text = summary_table(runs).to_markdown(index=False, disable_numparse=True)
+    text = summary_table(summarise_runs(runs)).to_markdown(index=False, disable_numparse=True)
     click.echo(text)
     for run_dir in unfinished:
         click.echo(f"not finished (left out): {run_dir}", err=True)

@@ -13,15 +13,25 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
+def percent_heatmap(ax, fractions: np.ndarray, digits: int = 0, fontsize: int = 8, aspect: str = "equal"):
+    """Fractions shown as percentages (0-100, viridis), each cell labelled with its value."""
+    image = ax.imshow(100 * fractions, vmin=0, vmax=100, cmap="viridis", aspect=aspect)
+    for (i, j), value in np.ndenumerate(100 * fractions):
+        ax.text(j, i, f"{value:.{digits}f}", ha="center", va="center", fontsize=fontsize,
+                color="black" if value > 60 else "white")
+    return image
+
+
+def save_png(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
+    plt.close(fig)
+
+
 def accuracy_heatmap(matrix: np.ndarray, task_classes: list[list[int]], title: str, path: Path) -> None:
     T = len(matrix)
     fig, ax = plt.subplots(figsize=(1.1 * T + 2.5, 1.0 * T + 1.8))
-    image = ax.imshow(100 * matrix, vmin=0, vmax=100, cmap="viridis")
-    for i in range(T):
-        for j in range(matrix.shape[1]):
-            value = 100 * matrix[i, j]
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=9,
-                    color="black" if value > 60 else "white")
+    image = percent_heatmap(ax, matrix, digits=1, fontsize=9)
     labels = [f"{j + 1}\n({','.join(map(str, c))})" for j, c in enumerate(task_classes)]
     ax.set_xticks(range(matrix.shape[1]), labels)
     ax.set_yticks(range(T), [str(i + 1) for i in range(T)])
@@ -29,9 +39,7 @@ def accuracy_heatmap(matrix: np.ndarray, task_classes: list[list[int]], title: s
     ax.set_ylabel("after training task")
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label="accuracy (%)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def task_accuracy_curves(matrix: np.ndarray, title: str, path: Path) -> None:
@@ -50,16 +58,12 @@ def task_accuracy_curves(matrix: np.ndarray, title: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _layer_by_task_heatmap(ax, values: pd.DataFrame, colorbar: str, xlabel: str, title: str) -> None:
     """Rows: layers (network order); columns: tasks; cells: percentages."""
-    image = ax.imshow(100 * values.to_numpy(), vmin=0, vmax=100, cmap="viridis", aspect="auto")
-    for (i, j), value in np.ndenumerate(100 * values.to_numpy()):
-        ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8, color="black" if value > 60 else "white")
+    image = percent_heatmap(ax, values.to_numpy(), aspect="auto")
     ax.set_xticks(range(values.shape[1]), [str(c) for c in values.columns])
     ax.set_yticks(range(len(values)), values.index)
     ax.set_xlabel(xlabel)
@@ -68,18 +72,12 @@ def _layer_by_task_heatmap(ax, values: pd.DataFrame, colorbar: str, xlabel: str,
     ax.figure.colorbar(image, ax=ax, label=colorbar)
 
 
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
-    plt.close(fig)
-
-
 def gate_usage_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
     """Mean gate firing rate of each task's path per layer (averaged over its classes)."""
     values = table.pivot_table(index="layer", columns="task", values="firing_rate", sort=False)
     fig, ax = plt.subplots(figsize=(1.0 * values.shape[1] + 3, 0.35 * len(values) + 1.8))
     _layer_by_task_heatmap(ax, values, "open gates (% of kernels)", "task's path", title)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def kernel_usage_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
@@ -93,7 +91,7 @@ def kernel_usage_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
         left.texts[i * used.shape[1] + j].set_text(f"{100 * used.iat[i, j]:.0f} ({value:.0f})")
     _layer_by_task_heatmap(right, taken, "in use (%)", "after training task", "in use by learned tasks")
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 # Figures for the extra tables a strategy saves (`artifacts()`), by table name.

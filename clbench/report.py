@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from clbench.errors import UserError  # noqa: E402
-from clbench.results import RUN_KEYS, load_metrics, load_finished_runs, summarise_runs  # noqa: E402
+from clbench.plots import percent_heatmap  # noqa: E402
+from clbench.results import RUN_KEYS, final_metrics, load_finished_runs, load_metrics, summarise_runs  # noqa: E402
 
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<"]  # not a multiple of 8: colour repeats get new markers
@@ -49,17 +50,23 @@ def format_mean_std(mean: float, std: float, metric: str) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}{unit}"
 
 
-def label(row) -> str:
-    """A configuration's name in figures: the strategy, with its hyperparameters when
-    other runs of the strategy use different ones."""
-    return row["strategy"] + (f" ({row['hparams']})" if row.get("varying") else "")
+def varying_hparams(frame: pd.DataFrame) -> pd.Series:
+    """True where other rows of the same strategy have different hyperparameters."""
+    return frame.groupby("strategy").hparams.transform("nunique") > 1
 
 
-def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration: keys, seeds, then each metric as 'mean ± std'."""
-    summary = summarise_runs(runs)
+def with_labels(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Adds each configuration's name in figures: the strategy, with its hyperparameters
+    when other runs of the strategy use different ones."""
+    named = metrics.strategy + " (" + metrics.hparams + ")"
+    return metrics.assign(label=named.where(varying_hparams(metrics), metrics.strategy))
+
+
+def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration of a `summarise_runs` table: keys, seeds, then each
+    metric as 'mean ± std'."""
     shown = summary[["scenario", "setting", "strategy", "epochs", "seeds"]].copy()
-    varying = summary.groupby("strategy").hparams.transform("nunique") > 1
+    varying = varying_hparams(summary)
     if varying.any():
         shown.insert(3, "hparams", summary.hparams.where(varying, ""))
     for metric, title in TABLE_METRICS.items():
@@ -84,13 +91,18 @@ class Palette:
 
 def configurations(metrics: pd.DataFrame):
     """(scenario, setting) -> list of (label, strategy, that configuration's metrics)."""
-    varying = metrics.groupby("strategy").hparams.transform("nunique") > 1
-    metrics = metrics.assign(varying=varying)
     groups = {}
     for keys, frame in metrics.groupby(RUN_KEYS, sort=True):
-        row = dict(zip(RUN_KEYS, keys), varying=frame.varying.iloc[0])
-        groups.setdefault((row["scenario"], row["setting"]), []).append((label(row), row["strategy"], frame))
+        row = dict(zip(RUN_KEYS, keys))
+        groups.setdefault((row["scenario"], row["setting"]), []).append((frame.label.iloc[0], row["strategy"], frame))
     return groups
+
+
+def plot_mean_band(ax, values, name: str, style: dict) -> None:
+    """Mean over seeds as a line, ± one std as a band; `values` is grouped by the x axis."""
+    mean, std = values.mean(), values.std().fillna(0)
+    ax.plot(mean.index, 100 * mean, label=name, **style)
+    ax.fill_between(mean.index, 100 * (mean - std), 100 * (mean + std), color=style["color"], alpha=0.15)
 
 
 def mean_matrix(frame: pd.DataFrame, metric: str) -> np.ndarray:
@@ -103,10 +115,7 @@ def figure_average_accuracy(configs, palette, title):
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, strategy, frame in configs:
         curve = frame[(frame.metric == "average_accuracy") & (frame.step > 0)].groupby("step").value
-        mean, std = curve.mean(), curve.std().fillna(0)
-        style = palette(strategy)
-        ax.plot(mean.index, 100 * mean, label=name, **style)
-        ax.fill_between(mean.index, 100 * (mean - std), 100 * (mean + std), color=style["color"], alpha=0.15)
+        plot_mean_band(ax, curve, name, palette(strategy))
     ax.set_xlabel("tasks learned")
     ax.set_ylabel("average accuracy on seen tasks (%)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -147,9 +156,7 @@ def figure_matrices(configs, palette, title):
     fig, axes = _grid(len(configs), size=(2.9, 2.8))
     for ax, (name, strategy, frame) in zip(axes, configs):
         matrix = mean_matrix(frame, "accuracy")
-        ax.imshow(100 * matrix, vmin=0, vmax=100, cmap="viridis")
-        for (i, j), value in np.ndenumerate(100 * matrix):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="black" if value > 60 else "white")
+        percent_heatmap(ax, matrix, fontsize=7)
         ax.set_xticks(range(matrix.shape[1]), range(1, matrix.shape[1] + 1))
         ax.set_yticks(range(len(matrix)), range(1, len(matrix) + 1))
         ax.set_title(name, fontsize=9, color=palette(strategy)["color"])
@@ -203,10 +210,7 @@ def figure_capacity(usage: pd.DataFrame, palette, title):
     for (name, strategy), frame in usage.groupby(["label", "strategy"]):
         frozen = frame.assign(count=frame.frozen * frame.kernels).groupby(["run_dir", "after_task"])
         share = (frozen["count"].sum() / frozen.kernels.sum()).groupby("after_task")
-        mean, std = share.mean(), share.std().fillna(0)
-        style = palette(strategy)
-        ax.plot(mean.index, 100 * mean, label=name, **style)
-        ax.fill_between(mean.index, 100 * (mean - std), 100 * (mean + std), color=style["color"], alpha=0.15)
+        plot_mean_band(ax, share, name, palette(strategy))
     ax.set_xlabel("after training task")
     ax.set_ylabel("kernels in use by learned tasks (%)")
     ax.set_ylim(0, 102)
@@ -223,9 +227,7 @@ def figure_gate_usage(gates: pd.DataFrame, palette, title):
     fig, axes = _grid(len(configs), size=(4.0, 3.2))
     for ax, ((name, strategy), frame) in zip(axes, configs):
         values = frame.pivot_table(index="layer", columns="task", values="firing_rate", aggfunc="mean", sort=False)
-        ax.imshow(100 * values.to_numpy(), vmin=0, vmax=100, cmap="viridis", aspect="auto")
-        for (i, j), value in np.ndenumerate(100 * values.to_numpy()):
-            ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7, color="black" if value > 60 else "white")
+        percent_heatmap(ax, values.to_numpy(), fontsize=7, aspect="auto")
         ax.set_xticks(range(values.shape[1]), values.columns)
         ax.set_yticks(range(len(values)), values.index, fontsize=7)
         ax.set_xlabel("task's path")
@@ -236,12 +238,11 @@ def figure_gate_usage(gates: pd.DataFrame, palette, title):
 
 def run_tables(metrics: pd.DataFrame, name: str) -> pd.DataFrame:
     """A per-run table saved by a strategy (e.g. kernel_usage.csv) for every run that has it."""
-    runs = metrics.drop_duplicates("run_dir").assign(
-        varying=lambda f: f.groupby("strategy").hparams.transform("nunique") > 1)
     frames = [pd.read_csv(Path(row.run_dir) / f"{name}.csv").assign(
                   run_dir=row.run_dir, strategy=row.strategy, scenario=row.scenario, setting=row.setting,
-                  label=label(row._asdict()))
-              for row in runs.itertuples() if (Path(row.run_dir) / f"{name}.csv").exists()]
+                  label=row.label)
+              for row in metrics.drop_duplicates("run_dir").itertuples()
+              if (Path(row.run_dir) / f"{name}.csv").exists()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -255,6 +256,7 @@ def save(fig, folder: Path, name: str) -> Path:
 
 def make_figures(metrics: pd.DataFrame, folder: Path) -> list[tuple[str, Path]]:
     folder.mkdir(parents=True, exist_ok=True)
+    metrics = with_labels(metrics)
     palette = Palette(metrics.strategy)
     usage, gates = run_tables(metrics, "kernel_usage"), run_tables(metrics, "gate_usage")
     figures = []
@@ -339,13 +341,14 @@ def write_report(results_dir: str, output: Path, compare_with: str | None = None
     metrics, unfinished = load_metrics(results_dir)
     if metrics.empty:
         raise UserError(f"no finished runs under {results_dir}")
-    runs, _ = load_finished_runs(results_dir)
+    runs = final_metrics(metrics)
     output.mkdir(parents=True, exist_ok=True)
-    summary = summary_table(runs)
+    numbers = summarise_runs(runs)
+    numbers.to_csv(output / "summary_numbers.csv", index=False)
+    summary = summary_table(numbers)
     summary.to_csv(output / "summary.csv", index=False)
     (output / "summary.md").write_text(summary.to_markdown(index=False, disable_numparse=True) + "\n")
     (output / "summary.tex").write_text(summary.to_latex(index=False).replace("±", r"$\pm$"))
-    summarise_runs(runs).to_csv(output / "summary_numbers.csv", index=False)
     comparison = None
     if compare_with:
         other, _ = load_finished_runs(compare_with)

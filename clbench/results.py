@@ -148,18 +148,24 @@ def load_metrics(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
 
 
 def load_finished_runs(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
-    """Final-step metrics of every finished run under `root` (one row per run, with its
-    keys; times summed over steps), and the run folders that are not finished."""
+    """Final-step metrics of every finished run under `root` (see `final_metrics`), and
+    the run folders that are not finished."""
     metrics, unfinished = load_metrics(root)
+    return final_metrics(metrics), unfinished
+
+
+def final_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of a `load_metrics` table: its keys and final-step metrics (times
+    summed over steps)."""
     if metrics.empty:
-        return metrics, unfinished
+        return metrics
     index = RUN_KEYS + ["seed", "run_dir"]
     final = metrics[metrics.task.isna() & (metrics.step == metrics.groupby("run_dir").step.transform("max"))]
     runs = final.pivot_table(index=index, columns="metric", values="value", aggfunc="first")
     times = metrics[metrics.metric.isin(["train_time_s", "eval_time_s"])]
     runs.update(times.pivot_table(index=index, columns="metric", values="value", aggfunc="sum"))
     runs.columns.name = None
-    return runs.reset_index(), unfinished
+    return runs.reset_index()
 
 
 SUMMARY_METRICS = ("average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer",
