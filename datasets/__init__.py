@@ -129,20 +129,29 @@ def missing_error(name: str, expected: str, where: Path, how: str) -> UserError:
                      f"or pass --data-root DIR (or set {DATA_ROOT_ENV}) pointing at the folder that holds it")
 
 
+def torchvision_splits(name: str, folder: Path, files: list[str], url: str, expected: str, how: str,
+                       open_split: Callable[[bool, bool], Dataset]) -> tuple[Dataset, Dataset]:
+    """(train, test) from `open_split(train, download)`, a torchvision dataset with its
+    checksums; missing files are downloaded only when `url`'s host is reachable."""
+    missing = [file for file in files if not (folder / file).is_file()]
+    if missing and not network_reachable(url):
+        raise missing_error(name, expected, folder, how)
+    try:
+        return tuple(open_split(train, bool(missing)) for train in (True, False))
+    except Exception as error:  # torchvision: RuntimeError on a checksum mismatch; scipy or pickle errors on bad files
+        raise UserError(f"{name} files in {folder} are corrupt or not the official ones ({error}); "
+                        "delete them and download again") from None
+
+
 def load_svhn(root: Path, _cache: bool) -> tuple[Dataset, Dataset, str]:
     from torchvision.datasets import SVHN
 
     folder = root / "SVHN"
     files = [SVHN.split_list[split][1] for split in ("train", "test")]
-    missing = [name for name in files if not (folder / name).is_file()]
-    if missing and not network_reachable(SVHN.split_list["train"][0]):
-        raise missing_error("SVHN", " and ".join(files), folder,
-                            "download them from http://ufldl.stanford.edu/housenumbers/ into that folder")
-    try:
-        train, test = (SVHN(str(folder), split=split, download=bool(missing)) for split in ("train", "test"))
-    except Exception as error:  # torchvision: RuntimeError on a checksum mismatch, scipy errors on bad files
-        raise UserError(f"SVHN files in {folder} are corrupt or not the official ones ({error}); "
-                        "delete them and download again") from None
+    train, test = torchvision_splits(
+        "SVHN", folder, files, SVHN.split_list["train"][0], " and ".join(files),
+        "download them from http://ufldl.stanford.edu/housenumbers/ into that folder",
+        lambda train, download: SVHN(str(folder), split="train" if train else "test", download=download))
     return (ImageArrayDataset(torch.from_numpy(train.data), train.labels),
             ImageArrayDataset(torch.from_numpy(test.data), test.labels), f"SVHN ({folder})")
 
@@ -152,15 +161,10 @@ def load_cifar10(root: Path, _cache: bool) -> tuple[Dataset, Dataset, str]:
 
     folder = root / CIFAR10.base_folder
     files = [name for name, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
-    missing = [name for name in files if not (folder / name).is_file()]
-    if missing and not network_reachable(CIFAR10.url):
-        raise missing_error("CIFAR-10", f"the python pickles ({', '.join(files)})", folder,
-                            f"unpack {CIFAR10.url} into {root}")
-    try:
-        train, test = (CIFAR10(str(root), train=flag, download=bool(missing)) for flag in (True, False))
-    except Exception as error:
-        raise UserError(f"CIFAR-10 files in {folder} are corrupt or not the official ones ({error}); "
-                        "delete them and download again") from None
+    train, test = torchvision_splits(
+        "CIFAR-10", folder, files, CIFAR10.url, f"the python pickles ({', '.join(files)})",
+        f"unpack {CIFAR10.url} into {root}",
+        lambda train, download: CIFAR10(str(root), train=train, download=download))
     as_tensor = lambda data: torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # noqa: E731
     return (ImageArrayDataset(as_tensor(train.data), train.targets),
             ImageArrayDataset(as_tensor(test.data), test.targets), f"CIFAR-10, official pickles ({folder})")
@@ -189,10 +193,15 @@ def image_folder_splits(folder: Path, size: int, cache: bool, classes: list[str]
     if not classes or set(classes) - set(splits["test"]) or set(classes) - set(splits["train"]):
         raise UserError(f"{folder}/train and {folder}/test must hold image folders of the same classes "
                         f"(train: {len(splits['train'])} classes, test: {len(splits['test'])})")
+    return class_datasets(splits, classes, size, cache)
+
+
+def class_datasets(tree: dict[str, dict[str, list[Path]]], classes: list[str], size: int, cache: bool):
+    """[train, test] datasets from {split: {class: image paths}}; class ids follow `classes`."""
     datasets = []
     for split in ("train", "test"):
-        paths = [path for name in classes for path in splits[split][name]]
-        targets = [index for index, name in enumerate(classes) for _ in splits[split][name]]
+        paths = [path for name in classes for path in tree[split][name]]
+        targets = [index for index, name in enumerate(classes) for _ in tree[split][name]]
         datasets.append(image_dataset(paths, targets, size, cache))
     return datasets
 
@@ -253,12 +262,8 @@ def load_imagenet50(root: Path, cache: bool) -> tuple[Dataset, Dataset, str]:
     if missing:
         raise UserError(f"ImageNet-50 in {folder} lacks {len(missing)} of its 50 classes (first: {missing[0]}); "
                         "the class list is clbench.datasets.IMAGENET50_WNIDS")
-    datasets = []
-    for split in ("train", "test"):
-        paths = [path for wnid in IMAGENET50_WNIDS for path in tree[split][wnid]]
-        targets = [index for index, wnid in enumerate(IMAGENET50_WNIDS) for _ in tree[split][wnid]]
-        datasets.append(image_dataset(paths, targets, 32, cache))
-    return datasets[0], datasets[1], source
+    train, test = class_datasets(tree, IMAGENET50_WNIDS, 32, cache)
+    return train, test, source
 
 
 def tiny_imagenet_val(folder: Path) -> dict[str, list[Path]]:
