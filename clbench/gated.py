@@ -54,6 +54,12 @@ class FreezableBatchNorm2d(nn.BatchNorm2d):
         return torch.where(self.frozen[None, :, None, None], kept, trained)
 
 
+def masked_macs(in_mask: torch.Tensor, out_mask: torch.Tensor, per_pair: int) -> torch.Tensor:
+    """MACs per sample of a layer whose inputs and outputs below a mask of one half are
+    skipped: active inputs x active outputs x MACs per input-output pair."""
+    return (in_mask.detach() > 0.5).sum(1) * (out_mask.detach() > 0.5).sum(1) * per_pair
+
+
 class PathLayer(nn.Module):
     """A conv or linear layer (with optional batch norm) whose output channels are
     multiplied by a per-task, per-sample mask from `mask(x, task)`: ccgn's gates or HAT's
@@ -88,7 +94,7 @@ class PathLayer(nn.Module):
         self.in_mask = in_mask.detach()
         spatial = out.shape[2] * out.shape[3] if out.dim() == 4 else 1
         kernel = self.layer.weight[0].numel() // self.in_units
-        macs = (in_mask.detach() > 0.5).sum(1) * (mask.detach() > 0.5).sum(1) * kernel * spatial + self.mask_macs
+        macs = masked_macs(in_mask, mask, kernel * spatial) + self.mask_macs
         return out * mask.view(*mask.shape, *[1] * (out.dim() - 2)), mask, macs
 
     def kernel_modules(self) -> list[nn.Module]:
@@ -219,8 +225,7 @@ class PathBasicBlock(nn.Module):
             shortcut, active_out = x, torch.maximum(mask2.detach(), active_in)
         else:
             shortcut = self.conv2.tied(x) * mask2[:, :, None, None]
-            on = (active_in > 0.5).sum(1) * (mask2.detach() > 0.5).sum(1)
-            macs2 = macs2 + on * out.shape[2] * out.shape[3]
+            macs2 = macs2 + masked_macs(active_in, mask2, out.shape[2] * out.shape[3])
             active_out = mask2.detach()
         return F.relu(out + shortcut), [mask1, mask2], macs + macs2, active_out
 
