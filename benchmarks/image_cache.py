@@ -21,14 +21,14 @@ from importlib import metadata
 import torch
 from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
+from clbench.datasets.scenarios import build_scenario
 
-from clbench.datasets import build_scenario
-from clbench.models import build_model
+from clbench.models import ModelSpec, build_model
 
 
 def epoch_throughput(scenario, backbone: str, width: int) -> float:
     torch.manual_seed(0)
-    model = build_model(backbone, width, scenario.spec.input_shape, "class", scenario.task_classes, scenario.n_classes)
+    model = build_model(ModelSpec(backbone, width, scenario.spec.input_shape, "class", scenario.task_classes))
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
                      train_mb_size=32, train_epochs=1, evaluator=partial(EvaluationPlugin, loggers=[]))
     experience = scenario.benchmark.train_stream[0]

@@ -48,20 +48,25 @@ def cli():
 @config_options
 @click.option("--hp", "hparams", multiple=True, metavar="KEY=VALUE",
               help="strategy hyperparameter, repeatable (see `clbench list`); unknown keys are errors")
-@click.option("--overwrite", is_flag=True, help="replace a finished run with the same scenario/setting/strategy/seed")
+@click.option("--overwrite", is_flag=True, help="run again even where the run folder holds a finished run")
 def run(config_file, hparams, overwrite, **options):
-    """Train a strategy task after task on a scenario and write its results folder."""
+    """Train a strategy task after task on a scenario and write its results folder. A
+    folder that holds a finished run of the same configuration is left as it is."""
     from clbench.runner import run as run_experiment  # imports torch and Avalanche: only when needed
 
     cfg = resolve_config(config_file, {**options, "hparams": parse_assignments(hparams)})
-    run_dir = run_experiment(cfg, overwrite=overwrite)
-    click.echo(f"finished: {run_dir}")
+    run_dir, trained = run_experiment(cfg, overwrite=overwrite)
+    if trained:
+        click.echo(f"finished: {run_dir}")
+    else:
+        click.echo(f"already finished with this configuration, not run again: {run_dir} "
+                   "(--overwrite runs it again)")
 
 
 @cli.command(name="list")
 def list_command():
     """Show the registered strategies (settings, hyperparameters) and scenarios."""
-    from clbench.datasets import SCENARIOS
+    from clbench.datasets.scenarios import SCENARIOS
     from clbench.registry import load_strategies
 
     click.echo("Strategies:")

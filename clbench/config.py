@@ -35,7 +35,7 @@ class RunConfig(BaseModel):
     cache: bool = Field(True, description="keep decoded images in an on-disk cache ($CLBENCH_CACHE, else ~/.cache/clbench)")
     shuffle_classes: bool = Field(False, description="order classes into tasks by the seed instead of by class id")
     data_root: str | None = Field(None, description="folder holding the dataset; else $CLBENCH_DATA_ROOT, else ~/.cache/clbench/data")
-    results_dir: str = Field("results/runs", description="runs are written under this folder")
+    results_dir: str = Field("runs", description="runs are written under this folder")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     hparams: dict[str, Any] = Field(default_factory=dict, description="strategy hyperparameters")
 

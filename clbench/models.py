@@ -3,11 +3,43 @@ one head over all classes."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
 import torch
 from avalanche.models import MultiTaskModule
 from torch import nn
 
 from clbench.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a strategy's `make_model` builds a network for: the backbone and the
+    scenario's input and tasks."""
+
+    backbone: str  # a key of BACKBONES
+    width: int  # channels of the (first) conv layers
+    input_shape: tuple[int, int, int]  # channels, height, width
+    setting: str  # "task" or "class"
+    task_classes: list[list[int]]  # original class ids of each task
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_classes)
+
+    @property
+    def n_classes(self) -> int:
+        return sum(len(classes) for classes in self.task_classes)
+
+
+@runtime_checkable
+class CountsExecutedMacs(Protocol):
+    """A model whose compute depends on its input (gated networks) returns the
+    multiply-accumulates each sample executed; for other models the dense count applies."""
+
+    def forward_with_macs(self, x: torch.Tensor, task_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ...
 
 
 class SmallCNN(nn.Module):
@@ -94,14 +126,14 @@ class MultiHeadNet(MultiTaskModule):
         return self.heads[task_label](self.features(x))
 
 
-def build_model(backbone: str, width: int, input_shape: tuple[int, int, int], setting: str,
-                task_classes: list[list[int]], n_classes: int) -> nn.Module:
-    if backbone not in BACKBONES:
-        raise UserError(f"unknown backbone {backbone!r}; choose one of: {', '.join(BACKBONES)}")
-    features = BACKBONES[backbone](input_shape[0], width, input_shape[1])
-    if setting == "task":
-        return MultiHeadNet(features, [len(classes) for classes in task_classes])
-    return SingleHeadNet(features, n_classes)
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The dense network every baseline trains: multi-head in the task setting."""
+    if spec.backbone not in BACKBONES:
+        raise UserError(f"unknown backbone {spec.backbone!r}; choose one of: {', '.join(BACKBONES)}")
+    features = BACKBONES[spec.backbone](spec.input_shape[0], spec.width, spec.input_shape[1])
+    if spec.setting == "task":
+        return MultiHeadNet(features, [len(classes) for classes in spec.task_classes])
+    return SingleHeadNet(features, spec.n_classes)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -1,7 +1,7 @@
-"""Training shared by the strategies whose network has one path per task (`TaskPathNet`:
-ccgn, hat, hat_tc), including the class setting's task classifier (Abati et al., CVPR
-2020): all learned paths run on the input, their features are concatenated, and an MLP
-picks the task whose head answers.
+"""Training shared by the strategies whose network has one path per task
+(`clbench.path_network.TaskPathNet`: ccgn, hat, hat_tc), including the class setting's
+task classifier (Abati et al., CVPR 2020): all learned paths run on the input, their
+features are concatenated, and an MLP picks the task whose head answers.
 """
 
 import pandas as pd
@@ -54,7 +54,9 @@ class TaskPathTraining(SupervisedTemplate):
         super()._before_training_exp(**kwargs)
 
     def forward(self):
-        return self.model.forward_single_task(self.mb_x, self.task)
+        """The current task's path; its trace (masks, MACs) is kept for the loss."""
+        logits, self.trace = self.model.forward_path(self.mb_x, self.task)
+        return logits
 
     def task_loss(self) -> torch.Tensor:
         labels = self.mb_y if self.model.setting == "task" else self.local_label[self.mb_y]

@@ -1,5 +1,9 @@
-"""Per-run figures (PNG): the accuracy matrix as a heatmap, per-task accuracy curves, and
-figures of the extra tables some strategies save (gate and kernel usage)."""
+"""Every figure clbench draws. Per run (PNG, in the run folder): the accuracy matrix as a
+heatmap, per-task accuracy curves, and figures of the extra tables some strategies save
+(gate and kernel usage). Per report (PNG and PDF, across runs and seeds): `make_figures`.
+
+Report figures give each strategy the same colour (Okabe-Ito, a colour-blind-safe
+palette; marker and line style tell apart strategies that share a colour)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<"]  # not a multiple of 8: colour repeats get new markers
+LINESTYLES = ["-", "--", ":", "-."]
 
 
 def percent_heatmap(ax, fractions: np.ndarray, digits: int = 0, fontsize: int = 8, aspect: str = "equal"):
@@ -96,3 +104,196 @@ def kernel_usage_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
 
 # Figures for the extra tables a strategy saves (`artifacts()`), by table name.
 ARTIFACT_PLOTS = {"gate_usage": gate_usage_heatmap, "kernel_usage": kernel_usage_heatmap}
+
+
+# Report figures: several runs, mean over seeds.
+
+
+class Palette:
+    """A fixed style per strategy name, shared by every figure of a report."""
+
+    def __init__(self, strategies):
+        self.index = {name: i for i, name in enumerate(sorted(set(strategies)))}
+
+    def __call__(self, strategy: str) -> dict:
+        i = self.index[strategy]
+        return {"color": OKABE_ITO[i % len(OKABE_ITO)], "marker": MARKERS[i % len(MARKERS)],
+                "linestyle": LINESTYLES[(i // len(OKABE_ITO)) % len(LINESTYLES)]}
+
+
+def plot_mean_band(ax, values, name: str, style: dict) -> None:
+    """Mean over seeds as a line, ± one std as a band; `values` is grouped by the x axis."""
+    mean, std = values.mean(), values.std().fillna(0)
+    ax.plot(mean.index, 100 * mean, label=name, **style)
+    ax.fill_between(mean.index, 100 * (mean - std), 100 * (mean + std), color=style["color"], alpha=0.15)
+
+
+def mean_matrix(frame: pd.DataFrame, metric: str) -> np.ndarray:
+    """Mean over seeds of `metric` per (step, task) as a matrix (rows: steps 1..T)."""
+    values = frame[(frame.metric == metric) & (frame.step > 0)]
+    return values.pivot_table(index="step", columns="task", values="value", aggfunc="mean").to_numpy()
+
+
+def figure_average_accuracy(configs, palette, title):
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, strategy, frame in configs:
+        curve = frame[(frame.metric == "average_accuracy") & (frame.step > 0)].groupby("step").value
+        plot_mean_band(ax, curve, name, palette(strategy))
+    ax.set_xlabel("tasks learned")
+    ax.set_ylabel("average accuracy on seen tasks (%)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
+    return fig
+
+
+def _grid(count: int, size=(3.0, 2.6)):
+    columns = min(count, 4)
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(size[0] * columns, size[1] * rows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.axis("off")
+    return fig, axes.flat
+
+
+def figure_task_curves(configs, palette, title):
+    fig, axes = _grid(len(configs))
+    for ax, (name, strategy, frame) in zip(axes, configs):
+        matrix = mean_matrix(frame, "accuracy")
+        steps = np.arange(1, len(matrix) + 1)
+        for j in range(matrix.shape[1]):
+            ax.plot(steps[j:], 100 * matrix[j:, j], marker=".", label=f"task {j + 1}")
+        ax.set_title(name, fontsize=9, color=palette(strategy)["color"])
+        ax.set_ylim(0, 102)
+        ax.set_xticks(steps)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.supxlabel("tasks learned")
+    fig.supylabel("accuracy (%)")
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def figure_matrices(configs, palette, title):
+    fig, axes = _grid(len(configs), size=(2.9, 2.8))
+    for ax, (name, strategy, frame) in zip(axes, configs):
+        matrix = mean_matrix(frame, "accuracy")
+        percent_heatmap(ax, matrix, fontsize=7)
+        ax.set_xticks(range(matrix.shape[1]), range(1, matrix.shape[1] + 1))
+        ax.set_yticks(range(len(matrix)), range(1, len(matrix) + 1))
+        ax.set_title(name, fontsize=9, color=palette(strategy)["color"])
+    fig.supxlabel("evaluated on task")
+    fig.supylabel("after training task")
+    fig.suptitle(f"{title}: accuracy (%), mean over seeds", fontsize=10)
+    return fig
+
+
+def figure_forgetting(configs, palette, title):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(configs)
+    for k, (name, strategy, frame) in enumerate(configs):
+        final = frame[(frame.metric == "forgetting") & (frame.step == frame.step.max())]
+        per_task = final.groupby("task").value
+        mean, std = per_task.mean(), per_task.std().fillna(0)
+        ax.bar(mean.index + (k - (len(configs) - 1) / 2) * width, 100 * mean, width, yerr=100 * std,
+               label=name, color=palette(strategy)["color"], capsize=2)
+    ax.set_xlabel("task")
+    ax.set_ylabel("forgetting after the last task (%)")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def figure_cost(configs, palette, title, metric, xlabel, scale):
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, strategy, frame in configs:
+        final = frame[frame.task.isna() & (frame.step == frame.step.max())]
+        accuracy = final[final.metric == "average_accuracy"].value
+        cost = final[final.metric == metric].value * scale
+        if cost.empty:
+            continue
+        style = palette(strategy)
+        ax.errorbar(cost.mean(), 100 * accuracy.mean(), xerr=cost.std() if len(cost) > 1 else None,
+                    yerr=100 * accuracy.std() if len(accuracy) > 1 else None, color=style["color"],
+                    marker=style["marker"], markersize=8, capsize=3, label=name, linestyle="none")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("average accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def figure_capacity(usage: pd.DataFrame, palette, title):
+    """Share of kernels used by past tasks (weighted over layers) after each task."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (name, strategy), frame in usage.groupby(["label", "strategy"]):
+        frozen = frame.assign(count=frame.frozen * frame.kernels).groupby(["run_dir", "after_task"])
+        share = (frozen["count"].sum() / frozen.kernels.sum()).groupby("after_task")
+        plot_mean_band(ax, share, name, palette(strategy))
+    ax.set_xlabel("after training task")
+    ax.set_ylabel("kernels in use by learned tasks (%)")
+    ax.set_ylim(0, 102)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def figure_gate_usage(gates: pd.DataFrame, palette, title):
+    """Mean gate firing rate per layer (rows) and task path (columns), one panel per configuration."""
+    configs = list(gates.groupby(["label", "strategy"]))
+    fig, axes = _grid(len(configs), size=(4.0, 3.2))
+    for ax, ((name, strategy), frame) in zip(axes, configs):
+        values = frame.pivot_table(index="layer", columns="task", values="firing_rate", aggfunc="mean", sort=False)
+        percent_heatmap(ax, values.to_numpy(), fontsize=7, aspect="auto")
+        ax.set_xticks(range(values.shape[1]), values.columns)
+        ax.set_yticks(range(len(values)), values.index, fontsize=7)
+        ax.set_xlabel("task's path")
+        ax.set_title(name, fontsize=9, color=palette(strategy)["color"])
+    fig.suptitle(f"{title}: open gates (% of kernels, mean per sample and seed)", fontsize=10)
+    return fig
+
+
+def save_png_pdf(fig, folder: Path, name: str) -> Path:
+    fig.tight_layout()
+    for suffix in ("png", "pdf"):
+        fig.savefig(folder / f"{name}.{suffix}", dpi=130)
+    plt.close(fig)
+    return folder / f"{name}.png"
+
+
+def make_figures(configurations: dict, usage: pd.DataFrame, gates: pd.DataFrame,
+                 folder: Path) -> list[tuple[str, Path]]:
+    """Every report figure, per scenario and setting, as (caption, PNG path).
+    `configurations`: (scenario, setting) -> [(label, strategy, its runs' metrics)];
+    `usage`, `gates`: the runs' kernel_usage and gate_usage tables (may be empty)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    palette = Palette(strategy for configs in configurations.values() for _, strategy, _ in configs)
+    figures = []
+    for (scenario, setting), configs in configurations.items():
+        title = f"{scenario}, {setting}-incremental"
+        drawn = [  # (caption, figure, file name)
+            ("average accuracy vs tasks learned (mean ± std over seeds)",
+             figure_average_accuracy(configs, palette, title), "average_accuracy"),
+            ("accuracy of each task over training", figure_task_curves(configs, palette, title), "task_accuracy"),
+            ("accuracy matrices", figure_matrices(configs, palette, title), "matrices"),
+            ("forgetting per task", figure_forgetting(configs, palette, title), "forgetting"),
+            ("accuracy vs executed MACs per sample",
+             figure_cost(configs, palette, title, "executed_macs", "executed MACs per sample (millions)", 1e-6),
+             "accuracy_vs_macs"),
+            ("accuracy vs model size",
+             figure_cost(configs, palette, title, "model_size_bytes", "model size (MB)", 1e-6), "accuracy_vs_size"),
+        ]
+        if not usage.empty and not (part := usage.query("scenario == @scenario and setting == @setting")).empty:
+            drawn.append(("capacity in use (ccgn: frozen kernels; HAT: cumulative mask > 0.5)",
+                          figure_capacity(part, palette, title), "capacity"))
+        if not gates.empty and not (part := gates.query("scenario == @scenario and setting == @setting")).empty:
+            drawn.append(("gate usage per layer and task", figure_gate_usage(part, palette, title), "gate_usage"))
+        figures += [(f"{title}: {caption}", save_png_pdf(figure, folder, f"{scenario}_{setting}_{name}"))
+                    for caption, figure, name in drawn]
+    return figures

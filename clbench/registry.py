@@ -2,7 +2,8 @@
 
 Adding a strategy means adding one file to `strategies/` that subclasses `Strategy` and
 decorates it with `@register`; `load_strategies` imports every module of the package,
-and import errors surface instead of being swallowed.
+and import errors surface instead of being swallowed. README's "Writing a strategy"
+walks through a complete example (`strategies/l2.py`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
+from avalanche.core import SupervisedPlugin
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from clbench.errors import UserError, describe_validation_error
-from clbench.models import build_model
+from clbench.models import ModelSpec, build_model
 
 
 class Hyperparameters(BaseModel):
@@ -26,29 +28,35 @@ class Hyperparameters(BaseModel):
 
 
 @dataclass
-class TrainingLoop:
-    """What every strategy shares: optimiser, loss, batch sizes, epochs, device, plugins."""
+class TrainingSetup:
+    """The run's training options, as every strategy's Avalanche template takes them.
 
-    optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]
+    `plugins` are clbench's own (the progress bar, which also counts iterations whose
+    loss is not finite): pass them on through `template_kwargs`, or the run reports no
+    divergence."""
+
+    make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]  # the run's --optimizer, --lr, --momentum
     criterion: torch.nn.Module
     train_mb_size: int
     train_epochs: int
     eval_mb_size: int
     device: str
-    plugins: list = field(default_factory=list)
+    plugins: list[SupervisedPlugin] = field(default_factory=list)
     evaluator: Callable = None
 
-    def template_kwargs(self) -> dict:
-        """Keyword arguments for an Avalanche template (a fresh plugin list each call:
-        some Avalanche strategies append to the list they are given)."""
+    def template_kwargs(self, extra_plugins: list[SupervisedPlugin] = ()) -> dict:
+        """Keyword arguments for an Avalanche template, with clbench's plugins followed by
+        the strategy's own (a fresh list each call: some templates append to it)."""
         return dict(train_mb_size=self.train_mb_size, train_epochs=self.train_epochs,
                     eval_mb_size=self.eval_mb_size, device=self.device,
-                    plugins=list(self.plugins), evaluator=self.evaluator)
+                    plugins=[*self.plugins, *extra_plugins], evaluator=self.evaluator)
 
 
 class Strategy:
-    """A continual-learning strategy: its name, the settings it supports, its
-    hyperparameters and how to build the Avalanche template that trains it."""
+    """A continual-learning strategy: its name, the settings it supports, its typed
+    hyperparameters (`self.hp`), the network it trains and the Avalanche template that
+    trains it. Subclasses set the class attributes and override `make_trainer`; the rest
+    has defaults."""
 
     name: ClassVar[str]
     settings: ClassVar[tuple[str, ...]] = ("task", "class")
@@ -59,36 +67,38 @@ class Strategy:
     # Why a setting is not supported, and what to use instead (shown in the error).
     setting_hint: ClassVar[dict[str, str]] = {}
 
-    def build(self, model: torch.nn.Module, hp: Hyperparameters, loop: TrainingLoop):
-        """The trainer: an object with `train(experience)` and `model` (an Avalanche
-        template). It may also have `artifacts()`, returning named tables to save with
-        the run (see `clbench.results`)."""
+    def __init__(self, hp: Hyperparameters):
+        self.hp = hp
+
+    @classmethod
+    def from_hparams(cls, values: dict) -> Strategy:
+        """The strategy with `values` over its hyperparameters' defaults; a one-line
+        `UserError` for an unknown name or an invalid value."""
+        try:
+            return cls(cls.Hparams(**values))
+        except ValidationError as error:
+            known = ", ".join(cls.Hparams.model_fields) or "none"
+            raise UserError(f"invalid hyperparameters for {cls.name!r}: {describe_validation_error(error)} "
+                            f"(known: {known})") from None
+
+    def make_model(self, spec: ModelSpec) -> torch.nn.Module:
+        """The network to train; strategies with their own architecture override it."""
+        return build_model(spec)
+
+    def make_trainer(self, model: torch.nn.Module, setup: TrainingSetup):
+        """An Avalanche template (`train(experience)`, `model`) that trains `model`. It may
+        also have `artifacts()`, returning named tables to save with the run."""
         raise NotImplementedError
 
-    @classmethod
-    def stored_examples(cls, hp: Hyperparameters, scenario) -> int:
-        """Training examples kept in memory after the last task (reported with every run)."""
+    def stored_examples(self, scenario) -> int:
+        """Training examples kept in memory after the last task (reported with every run);
+        a strategy with a memory must return its real size."""
         return 0
-
-    @classmethod
-    def make_model(cls, hp: Hyperparameters, backbone: str, width: int, input_shape: tuple[int, int, int],
-                   setting: str, task_classes: list[list[int]], n_classes: int) -> torch.nn.Module:
-        """The network this strategy trains; strategies with their own architecture override it."""
-        return build_model(backbone, width, input_shape, setting, task_classes, n_classes)
 
     @classmethod
     def summary(cls) -> str:
         """The docstring's first paragraph on one line."""
         return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-
-    @classmethod
-    def parse_hparams(cls, values: dict) -> Hyperparameters:
-        try:
-            return cls.Hparams(**values)
-        except ValidationError as error:
-            known = ", ".join(cls.Hparams.model_fields) or "none"
-            raise UserError(f"invalid hyperparameters for {cls.name!r}: {describe_validation_error(error)} "
-                            f"(known: {known})") from None
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}

@@ -34,13 +34,35 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.results_dir) / cfg.scenario / cfg.setting / cfg.strategy / f"seed{cfg.seed}"
 
 
-def start_run(cfg: RunConfig, overwrite: bool) -> Path:
-    """Create an empty run folder; a finished run is only replaced when `overwrite`."""
+# Where the data, the cache and the results are, and the device, do not change the results.
+NOT_IDENTIFYING = ("data_root", "cache", "results_dir", "device")
+
+
+def finished_run(cfg: RunConfig) -> Path | None:
+    """`cfg`'s run folder if it holds a finished run of the same configuration; None if it
+    holds no finished run; a `UserError` if it holds one of another configuration."""
     run_dir = run_dir_of(cfg)
-    if (run_dir / COMPLETED).exists() and not overwrite:
-        raise UserError(f"{run_dir} holds a finished run; pass --overwrite to replace it or choose another --results-dir")
+    if not (run_dir / COMPLETED).exists():
+        return None
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        saved = None
+    saved = saved if isinstance(saved, dict) else {}
+    wanted = cfg.model_dump()
+    differing = [key for key in wanted if key not in NOT_IDENTIFYING and saved.get(key) != wanted[key]]
+    if differing:
+        raise UserError(f"{run_dir} holds a finished run of another configuration (differing: {', '.join(differing)}); "
+                        "pass --overwrite to replace it or choose another --results-dir")
+    return run_dir
+
+
+def start_run(cfg: RunConfig) -> Path:
+    """An empty run folder holding only the configuration (an interrupted run, or a
+    finished one being overwritten, is removed first)."""
+    run_dir = run_dir_of(cfg)
     if run_dir.exists():
-        shutil.rmtree(run_dir)  # an interrupted run, or a finished one being replaced
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     return run_dir
@@ -171,6 +193,29 @@ def final_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
 SUMMARY_METRICS = ("average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer",
                    "task_aware_average_accuracy", "task_inference_average_accuracy", "executed_macs",
                    "stored_examples", "parameters", "model_size_bytes", "train_time_s", "nonfinite_loss_iterations")
+
+
+def varying_hparams(frame: pd.DataFrame) -> pd.Series:
+    """True where other rows of the same strategy have different hyperparameters."""
+    return frame.groupby("strategy").hparams.transform("nunique") > 1
+
+
+def with_labels(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Adds each configuration's name in tables and figures: the strategy, with its
+    hyperparameters when other runs of the strategy use different ones."""
+    named = metrics.strategy + " (" + metrics.hparams + ")"
+    return metrics.assign(label=named.where(varying_hparams(metrics), metrics.strategy))
+
+
+def run_tables(metrics: pd.DataFrame, name: str) -> pd.DataFrame:
+    """A per-run table saved by a strategy (e.g. kernel_usage.csv) for every run of a
+    labelled `load_metrics` table that has it, with the run's keys."""
+    frames = [pd.read_csv(Path(row.run_dir) / f"{name}.csv").assign(
+                  run_dir=row.run_dir, strategy=row.strategy, scenario=row.scenario, setting=row.setting,
+                  label=row.label)
+              for row in metrics.drop_duplicates("run_dir").itertuples()
+              if (Path(row.run_dir) / f"{name}.csv").exists()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def summarise_runs(runs: pd.DataFrame) -> pd.DataFrame:

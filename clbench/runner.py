@@ -7,6 +7,7 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,11 +21,10 @@ from tqdm.auto import tqdm
 
 from clbench import results
 from clbench.config import RunConfig
-from clbench.datasets import Scenario, build_scenario
+from clbench.datasets.scenarios import Scenario, build_scenario, scenario_spec
 from clbench.errors import UserError
-from clbench.models import model_size_bytes, parameter_count
-from clbench.registry import TrainingLoop, get_strategy
-
+from clbench.models import CountsExecutedMacs, ModelSpec, model_size_bytes, parameter_count
+from clbench.registry import Strategy, TrainingSetup, get_strategy
 
 # clbench evaluates with its own loop; Avalanche's evaluator is deliberately given no logger.
 warnings.filterwarnings("ignore", message="No loggers specified")
@@ -71,9 +71,8 @@ def evaluate(model: torch.nn.Module, scenario: Scenario, batch_size: int, device
     the task-aware accuracy (the prediction restricted to the classes of the sample's own
     task) and the task-inference accuracy (the predicted class lies in the sample's task).
 
-    A model whose cost depends on its input (gated networks) reports it by setting
-    `executed_macs` (one value per sample) in its forward pass; for every other model
-    the dense count applies."""
+    A model whose cost depends on its input reports it (`CountsExecutedMacs`); for every
+    other model the dense count applies."""
     model.eval()
     n_classes = scenario.n_classes
     accuracy, task_aware, task_inference, macs = [], [], [], []
@@ -84,10 +83,11 @@ def evaluate(model: torch.nn.Module, scenario: Scenario, batch_size: int, device
         correct = correct_task_aware = correct_task = seen = executed = 0
         for x, y, t in DataLoader(experience.dataset.eval(), batch_size=batch_size):
             x, y, t = x.to(device), y.to(device), t.to(device)
-            logits = avalanche_forward(model, x, t)
-            if hasattr(model, "executed_macs"):
-                executed += model.executed_macs.sum().item()
+            if isinstance(model, CountsExecutedMacs):
+                logits, per_sample = model.forward_with_macs(x, t)
+                executed += per_sample.sum().item()
             else:
+                logits = avalanche_forward(model, x, t)
                 dense = dense_macs(model, x[:1], t[:1]) if dense is None else dense
                 executed += dense * len(y)
             predicted = logits.argmax(1)
@@ -110,46 +110,60 @@ def evaluate(model: torch.nn.Module, scenario: Scenario, batch_size: int, device
     return out
 
 
-def run(cfg: RunConfig, overwrite: bool = False) -> Path:
-    """Train and evaluate one configuration; returns the finished run folder."""
+class RunOutcome(NamedTuple):
+    run_dir: Path
+    trained: bool  # False: the folder already held a finished run of this configuration
+
+
+def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
+    """The strategy, and the configuration with every default filled in (hyperparameters,
+    backbone): what is saved with the run and identifies it."""
     strategy_cls = get_strategy(cfg.strategy)
     if cfg.setting not in strategy_cls.settings:
         hint = strategy_cls.setting_hint.get(cfg.setting)
         raise UserError(f"strategy {cfg.strategy!r} supports only the {' and '.join(strategy_cls.settings)} "
                         f"setting; got setting {cfg.setting!r}" + (f": {hint}" if hint else ""))
-    hparams = strategy_cls.parse_hparams(cfg.hparams)
+    strategy = strategy_cls.from_hparams(cfg.hparams)
+    return strategy, cfg.model_copy(update={"hparams": strategy.hp.model_dump(),
+                                            "backbone": cfg.backbone or scenario_spec(cfg.scenario).backbone})
+
+
+def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
+    """Train and evaluate one configuration into its run folder. A folder that already
+    holds a finished run of the same configuration is left as it is (unless `overwrite`);
+    one of another configuration is an error."""
+    strategy, cfg = resolve(cfg)
+    if not overwrite and (finished := results.finished_run(cfg)):
+        return RunOutcome(finished, trained=False)
     scenario = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes,
                               cfg.classes_per_task, cfg.cache)
-    cfg = cfg.model_copy(update={"hparams": hparams.model_dump(),
-                                "backbone": cfg.backbone or scenario.spec.backbone})
     RNGManager.set_random_seeds(cfg.seed)
-    make_model = partial(strategy_cls.make_model, hparams, cfg.backbone, cfg.width, scenario.spec.input_shape,
-                         cfg.setting, scenario.task_classes, scenario.n_classes)
-    model = make_model()
+    spec = ModelSpec(cfg.backbone, cfg.width, scenario.spec.input_shape, cfg.setting, scenario.task_classes)
+    model = strategy.make_model(spec)
     # Only now, with every input checked, does a run folder appear.
-    run_dir = results.start_run(cfg, overwrite)
+    run_dir = results.start_run(cfg)
     started = time.time()
     progress = TrainingProgress()
-    loop = TrainingLoop(optimizer=partial(make_optimizer, cfg), criterion=torch.nn.CrossEntropyLoss(),
-                        train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size,
-                        device=cfg.device, plugins=[progress], evaluator=partial(EvaluationPlugin, loggers=[]))
+    setup = TrainingSetup(make_optimizer=partial(make_optimizer, cfg), criterion=torch.nn.CrossEntropyLoss(),
+                          train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size,
+                          device=cfg.device, plugins=[progress], evaluator=partial(EvaluationPlugin, loggers=[]))
     evaluate_all = partial(evaluate, scenario=scenario, batch_size=cfg.eval_batch_size, device=cfg.device)
 
     before_training = evaluate_all(model)
-    strategy = strategy_cls().build(model, hparams, loop)
+    trainer = strategy.make_trainer(model, setup)
     train_stream = scenario.benchmark.train_stream
     after_each_task, train_times, eval_times = [], [], []
     for index, experience in enumerate(train_stream):
         progress.task = index + 1
         start = time.perf_counter()
-        if strategy_cls.retrain_from_scratch:
-            strategy = strategy_cls().build(make_model(), hparams, loop)
-            strategy.train(train_stream[: index + 1])
+        if strategy.retrain_from_scratch:
+            trainer = strategy.make_trainer(strategy.make_model(spec), setup)
+            trainer.train(train_stream[: index + 1])
         else:
-            strategy.train(experience)
+            trainer.train(experience)
         train_times.append(time.perf_counter() - start)
         start = time.perf_counter()
-        after_each_task.append(evaluate_all(strategy.model))
+        after_each_task.append(evaluate_all(trainer.model))
         eval_times.append(time.perf_counter() - start)
 
     results.write_run(
@@ -157,13 +171,13 @@ def run(cfg: RunConfig, overwrite: bool = False) -> Path:
         matrices={key: np.stack([row[key] for row in after_each_task]) for key in before_training},
         before_training=before_training,
         costs={"train_time_s": train_times, "eval_time_s": eval_times,
-               "stored_examples": strategy_cls.stored_examples(hparams, scenario),
+               "stored_examples": strategy.stored_examples(scenario),
                "nonfinite_loss_iterations": progress.nonfinite_losses,
-               "parameters": parameter_count(strategy.model), "model_size_bytes": model_size_bytes(strategy.model)},
-        artifacts=strategy.artifacts() if hasattr(strategy, "artifacts") else {},
+               "parameters": parameter_count(trainer.model), "model_size_bytes": model_size_bytes(trainer.model)},
+        artifacts=trainer.artifacts() if hasattr(trainer, "artifacts") else {},
         started=started,
     )
     if progress.nonfinite_losses:
         warnings.warn(f"{progress.nonfinite_losses} training iterations had a non-finite loss: the run diverged "
                       f"(see nonfinite_loss_iterations in {run_dir / 'metrics.csv'})", stacklevel=2)
-    return run_dir
+    return RunOutcome(run_dir, trained=True)

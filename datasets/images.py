@@ -35,7 +35,8 @@ def cache_root() -> Path:
 
 
 class ImageArrayDataset(Dataset):
-    """Decoded uint8 images (N x C x H x W) in memory; `targets` is what Avalanche reads."""
+    """Images in memory (N x C x H x W: decoded uint8, or already normalised floats);
+    `targets` is what Avalanche reads."""
 
     def __init__(self, images: torch.Tensor, targets):
         self.images = images

@@ -14,11 +14,10 @@ class AGEM(Strategy):
         patterns_per_exp: int = Field(100, gt=0, description="examples stored per task (5 tasks: 500 in total)")
         sample_size: int = Field(256, gt=0, description="memory examples drawn for each reference gradient")
 
-    @classmethod
-    def stored_examples(cls, hp, scenario):
-        return hp.patterns_per_exp * scenario.n_tasks
+    def stored_examples(self, scenario):
+        return self.hp.patterns_per_exp * scenario.n_tasks
 
-    def build(self, model, hp, loop):
-        return AvalancheAGEM(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion,
-                             patterns_per_exp=hp.patterns_per_exp, sample_size=hp.sample_size,
-                             **loop.template_kwargs())
+    def make_trainer(self, model, setup):
+        return AvalancheAGEM(model=model, optimizer=setup.make_optimizer(model), criterion=setup.criterion,
+                             patterns_per_exp=self.hp.patterns_per_exp, sample_size=self.hp.sample_size,
+                             **setup.template_kwargs())

@@ -5,9 +5,10 @@ import torch
 from pydantic import Field
 from torch.utils.data import DataLoader
 
-from clbench.gated import GatedLayer, build_path_model
-from clbench.registry import Strategy, register
+from clbench.gates import GatedLayer
+from clbench.path_network import build_path_model
 from clbench.path_training import TaskClassifierHparams, TaskPathTraining
+from clbench.registry import Strategy, register
 
 
 @register
@@ -43,18 +44,15 @@ class CCGN(Strategy):
         firing_threshold: float = Field(0.0, ge=0, lt=1, description="kernels firing more often than this are frozen")
         holdout_fraction: float = Field(0.1, gt=0, lt=1, description="share of each task's training data kept to measure firing rates")
 
-    @classmethod
-    def stored_examples(cls, hp, scenario):
-        return hp.memory_size if scenario.setting == "class" else 0
+    def stored_examples(self, scenario):
+        return self.hp.memory_size if scenario.setting == "class" else 0
 
-    @classmethod
-    def make_model(cls, hp, backbone, width, input_shape, setting, task_classes, n_classes):
-        make_layer = partial(GatedLayer, n_tasks=len(task_classes), temperature=hp.temperature)
-        return build_path_model(backbone, width, input_shape, setting, task_classes, n_classes, make_layer)
+    def make_model(self, spec):
+        return build_path_model(spec, partial(GatedLayer, n_tasks=spec.n_tasks, temperature=self.hp.temperature))
 
-    def build(self, model, hp, loop):
-        return ConditionalGating(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=hp.lr),
-                                 criterion=loop.criterion, hp=hp, **loop.template_kwargs())
+    def make_trainer(self, model, setup):
+        return ConditionalGating(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=self.hp.lr),
+                                 criterion=setup.criterion, hp=self.hp, **setup.template_kwargs())
 
 
 class ConditionalGating(TaskPathTraining):
@@ -84,7 +82,7 @@ class ConditionalGating(TaskPathTraining):
         super()._before_training_exp(**kwargs)
 
     def criterion(self):
-        sparsity = torch.stack([gates.mean() for gates in self.model.last_masks]).mean()
+        sparsity = torch.stack([gates.mean() for gates in self.trace.masks]).mean()
         return self.task_loss() + self.hp.sparsity * sparsity
 
     def optimizer_step(self):
@@ -101,8 +99,8 @@ class ConditionalGating(TaskPathTraining):
         fired = {name: 0 for name in layers}
         per_class = {}
         for x, y, _ in DataLoader(self.held_out, batch_size=self.eval_mb_size):
-            model.forward_single_task(x.to(self.device), task)
-            for name, gates in zip(layers, model.last_masks):
+            _, trace = model.forward_path(x.to(self.device), task)
+            for name, gates in zip(layers, trace.masks):
                 fired[name] = fired[name] + gates.sum(0)
                 for label in y.unique().tolist():
                     total = per_class.setdefault((name, label), [0.0, 0])

@@ -19,8 +19,8 @@ class EWC(Strategy):
             "online", description="online: one running Fisher estimate (EWC-On); separate: one per task")
         decay_factor: float = Field(0.9, gt=0, le=1, description="online mode: decay of the old Fisher (gamma)")
 
-    def build(self, model, hp, loop):
-        return AvalancheEWC(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion,
-                            ewc_lambda=hp.ewc_lambda, mode=hp.mode,
-                            decay_factor=hp.decay_factor if hp.mode == "online" else None,
-                            **loop.template_kwargs())
+    def make_trainer(self, model, setup):
+        return AvalancheEWC(model=model, optimizer=setup.make_optimizer(model), criterion=setup.criterion,
+                            ewc_lambda=self.hp.ewc_lambda, mode=self.hp.mode,
+                            decay_factor=self.hp.decay_factor if self.hp.mode == "online" else None,
+                            **setup.template_kwargs())

@@ -15,11 +15,10 @@ class GEM(Strategy):
         patterns_per_exp: int = Field(100, gt=0, description="examples stored per task (5 tasks: 500 in total)")
         memory_strength: float = Field(0.5, ge=0, description="margin added to the projected gradient (gamma)")
 
-    @classmethod
-    def stored_examples(cls, hp, scenario):
-        return hp.patterns_per_exp * scenario.n_tasks
+    def stored_examples(self, scenario):
+        return self.hp.patterns_per_exp * scenario.n_tasks
 
-    def build(self, model, hp, loop):
-        return AvalancheGEM(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion,
-                            patterns_per_exp=hp.patterns_per_exp, memory_strength=hp.memory_strength,
-                            **loop.template_kwargs())
+    def make_trainer(self, model, setup):
+        return AvalancheGEM(model=model, optimizer=setup.make_optimizer(model), criterion=setup.criterion,
+                            patterns_per_exp=self.hp.patterns_per_exp, memory_strength=self.hp.memory_strength,
+                            **setup.template_kwargs())

@@ -1,8 +1,24 @@
 from functools import partial
 
-from clbench.gated import build_path_model
-from clbench.hat import AttentionLayer, HardAttention, HATHparams
-from clbench.registry import Strategy, register
+import torch
+from pydantic import Field
+
+from clbench.attention import AttentionLayer, attention_regulariser, compensate_embedding_gradient
+from clbench.path_network import build_path_model
+from clbench.path_training import TaskPathTraining
+from clbench.registry import Hyperparameters, Strategy, register
+
+
+class HATHparams(Hyperparameters):
+    """Defaults of the reference code (github.com/joansj/hat)."""
+
+    s_max: float = Field(400.0, gt=1, description="attention scale at the end of each epoch and at test")
+    c: float = Field(0.75, ge=0, description="weight of the attention regulariser")
+    clamp: float = Field(6.0, gt=0, description="embeddings are clamped to [-clamp, clamp] after each step")
+    cosh_clamp: float = Field(50.0, gt=0, description="s*e is clamped to this in the gradient compensation")
+    lr: float = Field(0.05, gt=0, description="SGD learning rate (HAT's own; the run's --lr is not used)")
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (HAT's own; the run's --momentum is not used)")
+    clipgrad: float = Field(10000.0, gt=0, description="gradient-norm clipping")
 
 
 @register
@@ -28,11 +44,62 @@ class HAT(Strategy):
                              "use hat_tc (HAT with ccgn's task classifier)"}
     Hparams = HATHparams
 
-    @classmethod
-    def make_model(cls, hp, backbone, width, input_shape, setting, task_classes, n_classes):
-        make_layer = partial(AttentionLayer, n_tasks=len(task_classes), s_max=hp.s_max)
-        return build_path_model(backbone, width, input_shape, setting, task_classes, n_classes, make_layer)
+    def make_model(self, spec):
+        return build_path_model(spec, partial(AttentionLayer, n_tasks=spec.n_tasks, s_max=self.hp.s_max))
 
-    def build(self, model, hp, loop):
-        kwargs = loop.template_kwargs()
-        return HardAttention(model=model, criterion=loop.criterion, hp=hp, **kwargs)
+    def make_trainer(self, model, setup):
+        return HardAttention(model=model, criterion=setup.criterion, hp=self.hp, **setup.template_kwargs())
+
+
+def annealed_scale(batch: int, batches: int, s_max: float) -> float:
+    """s for batch `batch` (0-based) of an epoch of `batches`: from 1/s_max up towards s_max."""
+    return 1 / s_max + (s_max - 1 / s_max) * batch / batches
+
+
+class HardAttention(TaskPathTraining):
+    """HAT's training procedure on a `TaskPathNet` of `AttentionLayer`s."""
+
+    def __init__(self, *, model, hp, **kwargs):
+        optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum)
+        super().__init__(model=model, optimizer=optimizer, hp=hp, **kwargs)
+
+    @property
+    def layers(self) -> list[AttentionLayer]:
+        return self.model.path_layers
+
+    def _before_training_iteration(self, **kwargs):
+        self.s = annealed_scale(self.clock.train_epoch_iterations, len(self.dataloader), self.hp.s_max)
+        for layer in self.layers:
+            layer.s = self.s
+        super()._before_training_iteration(**kwargs)
+
+    def criterion(self):
+        masks = [layer.attention(self.task, self.s) for layer in self.layers]
+        regulariser = attention_regulariser(masks, [layer.cumulative for layer in self.layers])
+        return self.task_loss() + self.hp.c * regulariser
+
+    def optimizer_step(self):
+        for layer in self.layers:
+            layer.condition_gradients()
+            weight = layer.embedding.weight
+            weight.grad = compensate_embedding_gradient(weight.grad, weight.data, self.s, self.hp.s_max,
+                                                        self.hp.cosh_clamp)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.hp.clipgrad)
+        super().optimizer_step()
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.embedding.weight.clamp_(-self.hp.clamp, self.hp.clamp)
+
+    @torch.no_grad()
+    def protect_task(self):
+        """Fold this task's masks (at s_max) into the cumulative ones; record capacity used."""
+        self.model.eval()
+        sample = self.experience.dataset.eval()[0][0].unsqueeze(0).to(self.device)
+        _, trace = self.model.forward_path(sample, self.task)  # every layer's active inputs
+        for (name, layer), active_in in zip(self.model.named_path_layers().items(), trace.active_inputs):
+            mask = layer.attention(self.task, self.hp.s_max)
+            before = layer.cumulative > 0.5
+            layer.cumulative = torch.maximum(layer.cumulative, mask)
+            layer.cumulative_in = torch.maximum(layer.cumulative_in, active_in[0])
+            layer.set_frozen_statistics(layer.cumulative > 0.5)
+            self.record_usage(name, mask > 0.5, before, layer.cumulative > 0.5)

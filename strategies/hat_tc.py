@@ -1,7 +1,7 @@
-from clbench.hat import HATHparams
-from clbench.registry import register
-from clbench.strategies.hat import HAT
+from clbench.strategies.hat import HAT, HATHparams
+
 from clbench.path_training import TaskClassifierHparams
+from clbench.registry import register
 
 
 @register
@@ -17,6 +17,5 @@ class HATTaskClassifier(HAT):
     class Hparams(HATHparams, TaskClassifierHparams):
         pass
 
-    @classmethod
-    def stored_examples(cls, hp, scenario):
-        return hp.memory_size
+    def stored_examples(self, scenario):
+        return self.hp.memory_size

@@ -16,11 +16,10 @@ class ICaRL(Strategy):
         memory_size: int = Field(500, gt=0, description="exemplars stored in total")
         fixed_memory: bool = Field(True, description="True: memory_size shared by all classes; False: per class")
 
-    @classmethod
-    def stored_examples(cls, hp, scenario):
-        return hp.memory_size if hp.fixed_memory else hp.memory_size * scenario.n_classes
+    def stored_examples(self, scenario):
+        return self.hp.memory_size if self.hp.fixed_memory else self.hp.memory_size * scenario.n_classes
 
-    def build(self, model, hp, loop):
+    def make_trainer(self, model, setup):
         return AvalancheICaRL(feature_extractor=model.features, classifier=model.head,
-                              optimizer=loop.optimizer(model), memory_size=hp.memory_size,
-                              buffer_transform=None, fixed_memory=hp.fixed_memory, **loop.template_kwargs())
+                              optimizer=setup.make_optimizer(model), memory_size=self.hp.memory_size,
+                              buffer_transform=None, fixed_memory=self.hp.fixed_memory, **setup.template_kwargs())

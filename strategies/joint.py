@@ -14,6 +14,6 @@ class Joint(Strategy):
     name = "joint"
     retrain_from_scratch = True
 
-    def build(self, model, hp, loop):
-        return JointTraining(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion,
-                             **loop.template_kwargs())
+    def make_trainer(self, model, setup):
+        return JointTraining(model=model, optimizer=setup.make_optimizer(model), criterion=setup.criterion,
+                             **setup.template_kwargs())

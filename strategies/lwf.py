@@ -15,6 +15,6 @@ class LwF(Strategy):
         alpha: float = Field(1.0, ge=0, description="weight of the distillation loss")
         temperature: float = Field(2.0, gt=0, description="softmax temperature of the distillation")
 
-    def build(self, model, hp, loop):
-        return AvalancheLwF(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion,
-                            alpha=hp.alpha, temperature=hp.temperature, **loop.template_kwargs())
+    def make_trainer(self, model, setup):
+        return AvalancheLwF(model=model, optimizer=setup.make_optimizer(model), criterion=setup.criterion,
+                            alpha=self.hp.alpha, temperature=self.hp.temperature, **setup.template_kwargs())

@@ -9,6 +9,6 @@ class Naive(Strategy):
 
     name = "naive"
 
-    def build(self, model, hp, loop):
-        return AvalancheNaive(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion,
-                              **loop.template_kwargs())
+    def make_trainer(self, model, setup):
+        return AvalancheNaive(model=model, optimizer=setup.make_optimizer(model), criterion=setup.criterion,
+                              **setup.template_kwargs())

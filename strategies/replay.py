@@ -14,10 +14,9 @@ class Replay(Strategy):
     class Hparams(Hyperparameters):
         memory_size: int = Field(500, gt=0, description="examples stored in total")
 
-    @classmethod
-    def stored_examples(cls, hp, scenario):
-        return hp.memory_size
+    def stored_examples(self, scenario):
+        return self.hp.memory_size
 
-    def build(self, model, hp, loop):
-        return AvalancheReplay(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion,
-                               mem_size=hp.memory_size, **loop.template_kwargs())
+    def make_trainer(self, model, setup):
+        return AvalancheReplay(model=model, optimizer=setup.make_optimizer(model), criterion=setup.criterion,
+                               mem_size=self.hp.memory_size, **setup.template_kwargs())

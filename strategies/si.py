@@ -14,6 +14,6 @@ class SI(Strategy):
         si_lambda: float = Field(1.0, ge=0, description="weight of the surrogate-loss penalty (c)")
         eps: float = Field(1e-3, gt=0, description="damping of the importance denominator (xi)")
 
-    def build(self, model, hp, loop):
-        return SynapticIntelligence(model=model, optimizer=loop.optimizer(model), criterion=loop.criterion,
-                                    si_lambda=hp.si_lambda, eps=hp.eps, **loop.template_kwargs())
+    def make_trainer(self, model, setup):
+        return SynapticIntelligence(model=model, optimizer=setup.make_optimizer(model), criterion=setup.criterion,
+                                    si_lambda=self.hp.si_lambda, eps=self.hp.eps, **setup.template_kwargs())

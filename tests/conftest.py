@@ -5,19 +5,22 @@ from pathlib import Path
 import pytest
 import torch
 from avalanche.training.plugins import EvaluationPlugin
+from clbench.datasets.images import ImageArrayDataset
+from clbench.datasets.loaders import load_split_mnist_mini
+from clbench.datasets.scenarios import SCENARIOS, build_scenario
 
-from clbench.datasets import SCENARIOS, TensorImageDataset, build_scenario, load_split_mnist_mini
-from clbench.registry import TrainingLoop
+from clbench.models import ModelSpec
+from clbench.registry import TrainingSetup
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
     not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found at {SHARED_DATA} (only on the team's machines)")
 
 
-def first_per_class(dataset: TensorImageDataset, per_class: int) -> TensorImageDataset:
+def first_per_class(dataset: ImageArrayDataset, per_class: int) -> ImageArrayDataset:
     targets = torch.tensor(dataset.targets)
     index = torch.cat([torch.nonzero(targets == c).flatten()[:per_class] for c in targets.unique()])
-    return TensorImageDataset(dataset.images[index], targets[index])
+    return ImageArrayDataset(dataset.images[index], targets[index])
 
 
 def register_tiny(monkeypatch) -> str:
@@ -34,20 +37,21 @@ def register_tiny(monkeypatch) -> str:
 
 def train_tasks(strategy_cls, scenario_name, setting, tasks, backbone, width, hparams, after_task=None):
     """Train a strategy on the first `tasks` tasks of a 28x28 scenario (2 epochs, batch 32,
-    its own optimiser); `after_task(strategy, scenario, task)` runs after each."""
+    SGD 0.01 unless the strategy has its own optimiser); `after_task(trainer, scenario,
+    task)` runs after each."""
     torch.manual_seed(0)
     scenario = build_scenario(scenario_name, setting, None, 0, False)
-    hp = strategy_cls.parse_hparams(hparams)
-    model = strategy_cls.make_model(hp, backbone, width, (1, 28, 28), setting, scenario.task_classes,
-                                    scenario.n_classes)
-    loop = TrainingLoop(optimizer=None, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2,
-                        eval_mb_size=256, device="cpu", evaluator=partial(EvaluationPlugin, loggers=[]))
-    strategy = strategy_cls().build(model, hp, loop)
+    strategy = strategy_cls.from_hparams(hparams)
+    model = strategy.make_model(ModelSpec(backbone, width, (1, 28, 28), setting, scenario.task_classes))
+    setup = TrainingSetup(make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
+                          criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2,
+                          eval_mb_size=256, device="cpu", evaluator=partial(EvaluationPlugin, loggers=[]))
+    trainer = strategy.make_trainer(model, setup)
     for task, experience in enumerate(scenario.benchmark.train_stream[:tasks]):
-        strategy.train(experience)
+        trainer.train(experience)
         if after_task:
-            after_task(strategy, scenario, task)
-    return strategy, scenario
+            after_task(trainer, scenario, task)
+    return trainer, scenario
 
 
 @pytest.fixture

@@ -41,12 +41,23 @@ def test_quickstart_run_writes_a_complete_results_folder(tmp_path):
     assert saved["strategy"] == "naive" and saved["hparams"] == {}
 
 
-def test_finished_run_is_not_overwritten_silently(tiny_scenario, tmp_path, capsys):
+def test_a_finished_run_is_kept_run_again_only_when_asked_and_never_mixed_with_another_config(
+        tiny_scenario, tmp_path, capsys):
     args = ["run", "--scenario", tiny_scenario, "--results-dir", str(tmp_path)]
+    completed = tmp_path / tiny_scenario / "task" / "naive" / "seed0" / "COMPLETED"
     assert main(args) == 0
-    assert main(args) == 2
-    assert "--overwrite" in capsys.readouterr().err
-    assert main(args + ["--overwrite"]) == 0
+    first = completed.read_text()
+    capsys.readouterr()
+    # The same configuration again: nothing is run, and the output says so.
+    assert main(args) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert completed.read_text() == first
+    # Another configuration in the same folder: an error naming what differs.
+    assert main(args + ["--epochs", "2"]) == 2
+    error = capsys.readouterr().err
+    assert "--overwrite" in error and "epochs" in error and len(error.strip().splitlines()) == 1
+    assert main(args + ["--epochs", "2", "--overwrite"]) == 0
+    assert "epochs: 2" in (completed.parent / "config.yaml").read_text()
 
 
 def test_config_file_with_command_line_overrides(tiny_scenario, tmp_path):
@@ -107,7 +118,7 @@ def test_click_usage_errors_exit_2(capsys):
 
 def test_missing_data_offline_in_a_fresh_process(tmp_path):
     """Exit code 2, one line naming the files, no traceback (network forced unreachable)."""
-    code = ("import sys, clbench.datasets as d; d.network_reachable = lambda url, timeout=3.0: False;"
+    code = ("import sys, clbench.datasets.loaders as d; d.network_reachable = lambda url, timeout=3.0: False;"
             "from clbench.cli import main; sys.exit(main(sys.argv[1:]))")
     done = subprocess.run([sys.executable, "-c", code, "run", "--scenario", "split_mnist", "--data-root",
                            str(tmp_path), "--results-dir", str(tmp_path / "out")], capture_output=True, text=True)

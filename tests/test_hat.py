@@ -3,12 +3,13 @@ compensation, stability in the task setting."""
 
 import pytest
 import torch
+from clbench.strategies.hat import annealed_scale
+from conftest import train_tasks
 from torch.utils.data import DataLoader
 
+from clbench.attention import AttentionLayer, attention_regulariser, compensate_embedding_gradient
 from clbench.cli import main
-from clbench.hat import AttentionLayer, annealed_scale, attention_regulariser, compensate_embedding_gradient
 from clbench.registry import get_strategy
-from conftest import train_tasks
 
 HAT = get_strategy("hat")
 

@@ -8,13 +8,14 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from clbench.datasets.images import decoded_images
+from clbench.datasets.loaders import IMAGENET50_WNIDS
+from clbench.datasets.scenarios import build_scenario
 from PIL import Image
 from scipy.io import savemat
 from torchvision.datasets import CIFAR10, SVHN
 
 from clbench.cli import main
-from clbench.datasets import IMAGENET50_WNIDS, build_scenario
-from clbench.datasets.images import decoded_images
 from clbench.errors import UserError
 
 rng = np.random.default_rng(0)
@@ -23,7 +24,7 @@ rng = np.random.default_rng(0)
 @pytest.fixture(autouse=True)
 def cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("CLBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr("clbench.datasets.network_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr("clbench.datasets.loaders.network_reachable", lambda url, timeout=3.0: False)
 
 
 def md5(path) -> str:

@@ -1,27 +1,24 @@
 import pandas as pd
-import yaml
 import pytest
+import yaml
 
 from clbench import results
 from clbench.cli import main
 from clbench.config import RunConfig
-from clbench.errors import UserError
 from clbench.runner import run
 
 
 def test_interrupted_run_is_listed_apart_and_replaced(tiny_scenario, tmp_path):
-    finished = run(RunConfig(scenario=tiny_scenario, results_dir=str(tmp_path)))
-    interrupted = results.start_run(RunConfig(scenario=tiny_scenario, seed=1, results_dir=str(tmp_path)), False)
+    finished = run(RunConfig(scenario=tiny_scenario, results_dir=str(tmp_path))).run_dir
+    interrupted = results.start_run(RunConfig(scenario=tiny_scenario, seed=1, results_dir=str(tmp_path)))
     (interrupted / "metrics.csv").write_text("half written")
     runs, unfinished = results.load_finished_runs(tmp_path)
     assert runs.seed.tolist() == [0] and unfinished == [interrupted]
     assert runs.average_accuracy.item() == pytest.approx(
         pd.read_csv(finished / "accuracy_matrix.csv", index_col=0).iloc[-1].mean())
-    # Starting the interrupted configuration again clears it; a finished one is protected.
-    assert results.start_run(RunConfig(scenario=tiny_scenario, seed=1, results_dir=str(tmp_path)), False) == interrupted
+    # Starting the interrupted configuration again clears it.
+    assert results.start_run(RunConfig(scenario=tiny_scenario, seed=1, results_dir=str(tmp_path))) == interrupted
     assert not (interrupted / "metrics.csv").exists()
-    with pytest.raises(UserError, match="--overwrite"):
-        results.start_run(RunConfig(scenario=tiny_scenario, results_dir=str(tmp_path)), False)
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
@@ -72,6 +69,6 @@ def test_summary_is_mean_and_std_over_seeds_of_each_configuration(tmp_path):
 
 def test_a_diverged_run_reports_its_non_finite_losses(tiny_scenario, tmp_path):
     with pytest.warns(UserWarning, match="diverged"):
-        run_dir = run(RunConfig(scenario=tiny_scenario, lr=1e12, results_dir=str(tmp_path)))
+        run_dir = run(RunConfig(scenario=tiny_scenario, lr=1e12, results_dir=str(tmp_path))).run_dir
     table = pd.read_csv(run_dir / "metrics.csv").set_index("metric")
     assert table.loc["nonfinite_loss_iterations", "value"] > 0

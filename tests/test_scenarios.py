@@ -1,10 +1,11 @@
 import numpy as np
 import pytest
 import torch
-
-from clbench.datasets import MNIST_FILES, build_scenario
-from clbench.errors import UserError
+from clbench.datasets.loaders import MNIST_FILES
+from clbench.datasets.scenarios import build_scenario
 from conftest import SHARED_DATA, needs_shared_data
+
+from clbench.errors import UserError
 
 
 @pytest.mark.parametrize("setting", ["task", "class"])
@@ -36,7 +37,7 @@ def test_shuffled_class_order_depends_on_seed():
 
 
 def test_missing_mnist_offline_names_expected_files(tmp_path, monkeypatch):
-    monkeypatch.setattr("clbench.datasets.network_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr("clbench.datasets.loaders.network_reachable", lambda url, timeout=3.0: False)
     with pytest.raises(UserError) as error:
         build_scenario("split_mnist", "task", data_root=tmp_path)
     message = str(error.value)

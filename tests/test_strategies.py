@@ -2,13 +2,19 @@
 
 Parametrised over the registry: a new strategy file is tested without new test code."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from conftest import train_tasks
 
 from clbench.config import RunConfig
 from clbench.registry import load_strategies
 from clbench.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CASES = [(name, setting) for name, strategy in load_strategies().items() for setting in strategy.settings]
 
@@ -17,7 +23,7 @@ CASES = [(name, setting) for name, strategy in load_strategies().items() for set
 @pytest.mark.parametrize("name,setting", CASES, ids=[f"{n}-{s}" for n, s in CASES])
 def test_strategy_runs_and_learns(name, setting, tiny_scenario, tmp_path):
     run_dir = run(RunConfig(scenario=tiny_scenario, strategy=name, setting=setting, epochs=2, batch_size=32,
-                            results_dir=str(tmp_path)))
+                            results_dir=str(tmp_path))).run_dir
     assert (run_dir / "COMPLETED").exists()
     matrix = pd.read_csv(run_dir / "accuracy_matrix.csv", index_col="after_task").to_numpy()
     assert matrix.shape == (5, 5)
@@ -34,3 +40,28 @@ def test_every_strategy_declares_settings_and_documentation():
         assert strategy.name == name
         assert set(strategy.settings) <= {"task", "class"} and strategy.settings
         assert strategy.summary(), f"{name} has no docstring"
+
+
+def test_readme_shows_the_example_strategy_as_it_is():
+    """README's "Writing a strategy" example is the file the registry loads and the
+    tests above run."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Writing a strategy Avalanche does not have", 1)[1]
+    shown = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert shown == (ROOT / "strategies" / "l2.py").read_text()
+
+
+def test_l2_penalty_holds_weights_near_the_previous_task(tiny_scenario):
+    def drift(l2_lambda):
+        anchor = {}
+
+        def record(trainer, scenario, task):
+            weights = torch.cat([p.detach().flatten() for p in trainer.model.features.parameters()])
+            anchor.setdefault("after_task_1", weights)
+            anchor["last"] = weights
+
+        train_tasks(load_strategies()["l2"], tiny_scenario, "task", 2, "small_cnn", 8, {"l2_lambda": l2_lambda},
+                    record)
+        return (anchor["last"] - anchor["after_task_1"]).norm()
+
+    assert drift(10.0) < 0.5 * drift(0.0)

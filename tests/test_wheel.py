@@ -37,7 +37,7 @@ def test_wheel_installs_and_imports_in_a_fresh_environment(tmp_path):
     check = ("import clbench.strategies, clbench.datasets, clbench.registry as r;"
              "print(clbench.strategies.__file__); print(clbench.datasets.__file__);"
              "print(sorted(r.load_strategies()));"
-             "from clbench.datasets import build_scenario; print(build_scenario('split_mnist_mini', 'task').n_tasks)")
+             "from clbench.datasets.scenarios import build_scenario; print(build_scenario('split_mnist_mini', 'task').n_tasks)")
     done = subprocess.run([str(python), "-c", check], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     strategies_file, datasets_file, names, n_tasks = done.stdout.strip().splitlines()

@@ -1,0 +1,81 @@
+"""ccgn's gates (Abati et al., CVPR 2020): a small gating module per task and layer
+decides, for each sample, which of the layer's kernels run.
+
+The module only says how to gate, freeze and re-initialise; when to do so is the
+procedure of `clbench.strategies.ccgn`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clbench.path_network import PathLayer
+
+GATE_HIDDEN = 16
+
+
+def gumbel_sigmoid_straight_through(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hard 0/1 gates forward; gradients of the relaxed sigmoid(logits + logistic noise) / T."""
+    uniform = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(uniform) - torch.log1p(-uniform)) / temperature)
+    hard = (soft > 0.5).to(logits.dtype)
+    return soft + (hard - soft).detach()
+
+
+class GatedLayer(PathLayer):
+    """Gating module of task t: global average pool of the layer input -> linear (16) ->
+    batch norm -> ReLU -> linear -> one logit per output channel. Training: Gumbel
+    straight-through samples; evaluation: the gate is open where the logit is positive,
+    restricted to the kernels task t used when it was learned (`allowed`)."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.Module | None, tied: nn.Sequential | None = None, *,
+                 n_tasks: int, temperature: float):
+        super().__init__(layer, norm, tied)
+        self.temperature = temperature
+        self.gates = nn.ModuleList(
+            nn.Sequential(nn.Linear(self.in_units, GATE_HIDDEN), nn.BatchNorm1d(GATE_HIDDEN), nn.ReLU(),
+                          nn.Linear(GATE_HIDDEN, self.out_units))
+            for _ in range(n_tasks))
+        self.mask_macs = GATE_HIDDEN * (self.in_units + self.out_units)
+        # allowed[t]: kernels task t may open; all of them until task t is learned.
+        self.register_buffer("allowed", torch.ones(n_tasks, self.out_units, dtype=torch.bool))
+        self.register_buffer("frozen", torch.zeros(self.out_units, dtype=torch.bool))
+
+    def mask(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        logits = self.gates[task](x.mean((2, 3)) if x.dim() == 4 else x)
+        if self.training:
+            return gumbel_sigmoid_straight_through(logits, self.temperature)
+        return ((logits > 0) & self.allowed[task]).to(logits.dtype)
+
+    def mask_frozen_gradients(self) -> None:
+        for parameter in self.kernel_parameters():
+            if parameter.grad is not None:
+                parameter.grad[self.frozen] = 0
+
+    def freeze(self, task: int, used: torch.Tensor) -> None:
+        """Task `task` is learned: its gates may only open `used` kernels, which are frozen."""
+        self.allowed[task] = used
+        self.frozen |= used
+        self.set_frozen_statistics(self.frozen)
+        self.gates[task].requires_grad_(False)
+
+    @torch.no_grad()
+    def reinitialise_free_kernels(self) -> None:
+        """Give the kernels no learned task uses a fresh default initialisation."""
+        free = ~self.frozen
+        for module in self.kernel_modules():
+            fresh = type(module)(*_constructor_args(module))
+            for name, value in list(fresh.named_parameters()) + list(fresh.named_buffers()):
+                current = getattr(module, name)
+                if current.dim() > 0 and len(current) == len(free):
+                    current[free] = value[free].to(current.device)
+
+
+def _constructor_args(module: nn.Module) -> tuple:
+    if isinstance(module, nn.Conv2d):
+        return (module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                module.dilation, module.groups, module.bias is not None)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, module.bias is not None
+    return (module.num_features,)

@@ -1,0 +1,294 @@
+"""Networks with one path per task, shared by ccgn and HAT: every layer's output channels
+are multiplied by a mask of the task in hand. The mask comes from the layer class the
+strategy passes in: ccgn's input-dependent gates (`clbench.gates.GatedLayer`) or HAT's
+per-task attention (`clbench.attention.AttentionLayer`).
+
+What a forward pass did (each layer's mask and active inputs, the MACs each sample
+executed) is returned in a `PathTrace`, never left on the modules, so a batch that mixes
+tasks is accounted sample by sample. Kernels (output channels) a learned task relies on
+are protected by the strategy; `FreezableBatchNorm2d` keeps their running statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from avalanche.models import MultiTaskModule
+from torch import nn
+
+from clbench.errors import UserError
+from clbench.models import ModelSpec
+
+CLASSIFIER_HIDDEN = 64
+# Class setting: scores of tasks the task classifier did not pick are lowered by this much
+# (see TaskPathNet.class_scores).
+OFF_TASK_PENALTY = 1e4
+
+
+class FreezableBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm whose `frozen` channels behave as in evaluation even while training:
+    normalised with their stored statistics, which are never updated."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.register_buffer("frozen", torch.zeros(channels, dtype=torch.bool))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.frozen.any():
+            return super().forward(x)
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        trained = F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
+        kept = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        # New tensors, not in-place writes: `kept` needs the old ones for its backward pass.
+        self.running_mean = torch.where(self.frozen, self.running_mean, mean)
+        self.running_var = torch.where(self.frozen, self.running_var, var)
+        return torch.where(self.frozen[None, :, None, None], kept, trained)
+
+
+def masked_macs(in_mask: torch.Tensor, out_mask: torch.Tensor, per_pair: int) -> torch.Tensor:
+    """MACs per sample of a layer whose inputs and outputs below a mask of one half are
+    skipped: active inputs x active outputs x MACs per input-output pair."""
+    return (in_mask.detach() > 0.5).sum(1) * (out_mask.detach() > 0.5).sum(1) * per_pair
+
+
+@dataclass
+class PathTrace:
+    """What one forward pass through a task's path did, per sample: every masked layer's
+    mask and active input units (batch x units, in the order of `TaskPathNet.path_layers`)
+    and the MACs executed."""
+
+    masks: list[torch.Tensor] = field(default_factory=list)
+    active_inputs: list[torch.Tensor] = field(default_factory=list)
+    macs: torch.Tensor | int = 0
+
+
+class PathLayer(nn.Module):
+    """A conv or linear layer (with optional batch norm) whose output channels are
+    multiplied by a per-task, per-sample mask from `mask(x, task)`. `tied` layers (a
+    ResNet projection shortcut) share the mask and go with the layer's kernels when they
+    are frozen or protected. A channel whose mask is below one half counts as skipped in
+    the MACs, on the output side and as the next layer's input."""
+
+    mask_macs = 0  # MACs of computing the mask for one sample
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.Module | None, tied: nn.Sequential | None = None):
+        super().__init__()
+        self.layer, self.norm, self.tied = layer, norm, tied
+        self.in_units = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+        self.out_units = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+    def mask(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """batch x out_units mask of task `task` for input `x`."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, task: int, active_in: torch.Tensor, trace: PathTrace):
+        """Masked output and the mask, given which input units of each sample are active
+        (`active_in`, batch x units); records both and the MACs in `trace`."""
+        mask = self.mask(x, task)
+        out = self.layer(x)
+        if self.norm is not None:
+            out = self.norm(out)
+        spatial = out.shape[2] * out.shape[3] if out.dim() == 4 else 1
+        kernel = self.layer.weight[0].numel() // self.in_units
+        trace.masks.append(mask)
+        trace.active_inputs.append(active_in.detach())
+        trace.macs = trace.macs + masked_macs(active_in, mask, kernel * spatial) + self.mask_macs
+        return out * mask.view(*mask.shape, *[1] * (out.dim() - 2)), mask
+
+    def kernel_modules(self) -> list[nn.Module]:
+        return [m for m in [self.layer, self.norm] + list(self.tied or []) if m is not None]
+
+    def kernel_parameters(self) -> list[torch.Tensor]:
+        """Every parameter whose first dimension indexes this layer's kernels."""
+        return [p for m in self.kernel_modules() for p in m.parameters(recurse=False)]
+
+    def set_frozen_statistics(self, frozen: torch.Tensor) -> None:
+        for module in self.kernel_modules():
+            if isinstance(module, FreezableBatchNorm2d):
+                module.frozen.copy_(frozen)
+
+
+class PathSmallCNN(nn.Module):
+    """`clbench.models.SmallCNN` with masked output channels on both conv layers and
+    units on the fully connected layer (the same function with every mask open, tested).
+    `make_layer(layer, norm, tied=None)` builds the masked layers."""
+
+    def __init__(self, in_channels: int, width: int, input_size: int, make_layer: Callable):
+        super().__init__()
+        self.in_channels, self.out_features = in_channels, 4 * width
+        self.spatial_after_convs = (input_size // 4) ** 2
+        self.layers = nn.ModuleList([
+            make_layer(nn.Conv2d(in_channels, width, 3, padding=1), None),
+            make_layer(nn.Conv2d(width, width, 3, padding=1), None),
+            make_layer(nn.Linear(width * self.spatial_after_convs, self.out_features), None),
+        ])
+
+    def forward(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
+        active = torch.ones(len(x), self.in_channels, device=x.device)
+        for index, layer in enumerate(self.layers):
+            if index == 2:
+                x = x.flatten(1)
+                active = active.repeat_interleave(self.spatial_after_convs, 1)
+            x, mask = layer(x, task, active, trace)
+            x = F.relu(x)
+            if index < 2:
+                x = F.max_pool2d(x, 2)
+            active = mask.detach()
+        return x
+
+
+class PathBasicBlock(nn.Module):
+    """ResNet basic block with both convs masked; a projection shortcut shares the second
+    conv's mask. With an identity shortcut a channel is active where either the second
+    conv's mask or the input is."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int, make_layer: Callable):
+        super().__init__()
+        self.conv1 = make_layer(nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False),
+                                FreezableBatchNorm2d(channels))
+        shortcut = None
+        if stride != 1 or in_channels != channels:
+            shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+                                     FreezableBatchNorm2d(channels))
+        self.conv2 = make_layer(nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+                                FreezableBatchNorm2d(channels), shortcut)
+
+    def forward(self, x: torch.Tensor, task: int, active_in: torch.Tensor, trace: PathTrace):
+        """Output and its active channels."""
+        h, mask1 = self.conv1(x, task, active_in, trace)
+        out, mask2 = self.conv2(F.relu(h), task, mask1.detach(), trace)
+        if self.conv2.tied is None:
+            return F.relu(out + x), torch.maximum(mask2.detach(), active_in)
+        trace.macs = trace.macs + masked_macs(active_in, mask2, out.shape[2] * out.shape[3])
+        return F.relu(out + self.conv2.tied(x) * mask2[:, :, None, None]), mask2.detach()
+
+
+class PathResNet18(nn.Module):
+    """`clbench.models.ResNet18` (CIFAR stem, `width` channels in the first stage) with
+    every conv masked (the same function with every mask open, tested)."""
+
+    def __init__(self, in_channels: int, width: int, input_size: int, make_layer: Callable):
+        super().__init__()
+        self.in_channels, self.out_features = in_channels, 8 * width
+        self.stem = make_layer(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), FreezableBatchNorm2d(width))
+        blocks, channels = [], width
+        for stage, stride in enumerate((1, 2, 2, 2)):
+            out = width * 2**stage
+            blocks += [PathBasicBlock(channels, out, stride, make_layer), PathBasicBlock(out, out, 1, make_layer)]
+            channels = out
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
+        active = torch.ones(len(x), self.in_channels, device=x.device)
+        x, mask = self.stem(x, task, active, trace)
+        x, active = F.relu(x), mask.detach()
+        for block in self.blocks:
+            x, active = block(x, task, active, trace)
+        return x.mean((2, 3))
+
+
+PATH_BACKBONES = {"small_cnn": PathSmallCNN, "resnet18": PathResNet18}
+
+
+class TaskPathNet(MultiTaskModule):
+    """A backbone of `PathLayer`s, whose masks give every task its own path, with one head
+    per task; in the class setting also the task classifier that picks which task's path
+    and head to trust.
+
+    `forward` is what Avalanche and the baselines' evaluation call; `forward_with_macs`
+    also returns the MACs each sample executed, and `forward_path` the whole trace of
+    one task's path (for the strategies' losses and statistics)."""
+
+    def __init__(self, backbone: nn.Module, spec: ModelSpec):
+        super().__init__()
+        self.backbone, self.setting, self.n_classes = backbone, spec.setting, spec.n_classes
+        self.task_classes = spec.task_classes
+        self.heads = nn.ModuleList(nn.Linear(backbone.out_features, len(c)) for c in spec.task_classes)
+        self.max_class_label = max(len(c) for c in spec.task_classes)
+        self.tasks_learned = 0
+        if spec.setting == "class":
+            self.task_classifier = nn.Sequential(nn.Linear(spec.n_tasks * backbone.out_features, CLASSIFIER_HIDDEN),
+                                                 nn.ReLU(), nn.Linear(CLASSIFIER_HIDDEN, spec.n_tasks))
+
+    @property
+    def path_layers(self) -> list[PathLayer]:
+        return list(self.named_path_layers().values())
+
+    def named_path_layers(self) -> dict[str, PathLayer]:
+        """The masked layers in forward order, named by their place in the backbone."""
+        return {name: m for name, m in self.backbone.named_modules() if isinstance(m, PathLayer)}
+
+    def forward_path(self, x: torch.Tensor, task: int) -> tuple[torch.Tensor, PathTrace]:
+        """Logits of one task's path and head, and the trace of that path."""
+        trace = PathTrace()
+        head = self.heads[task]
+        logits = head(self.backbone(x, task, trace))
+        trace.macs = trace.macs + head.in_features * head.out_features
+        return logits, trace
+
+    def forward_single_task(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        return self.forward_path(x, task)[0]
+
+    def path_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Features of every learned task's path (at least one) and their total MACs."""
+        features, total = [], 0
+        for task in range(max(self.tasks_learned, 1)):
+            trace = PathTrace()
+            features.append(self.backbone(x, task, trace))
+            total = total + trace.macs
+        return features, total
+
+    def classify_task(self, features: torch.Tensor) -> torch.Tensor:
+        """Task-classifier logits over the learned tasks, from their paths' features
+        concatenated; paths not learned yet enter as zeros."""
+        learned = features.shape[1] // self.backbone.out_features
+        padding = self.task_classifier[0].in_features - features.shape[1]
+        return self.task_classifier(F.pad(features, (0, padding)))[:, :learned]
+
+    def class_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class setting, no task label: scores over all classes and MACs per sample.
+
+        Each task's classes get its own head's log-softmax, lowered by OFF_TASK_PENALTY
+        unless the task classifier picked that task. The argmax is thus the picked head's
+        choice, and restricting the scores to one task's classes gives that task's head
+        (the oracle prediction); classes of tasks not learned yet score -inf."""
+        features, macs = self.path_features(x)
+        picked = self.classify_task(torch.cat(features, 1)).argmax(1)
+        scores = torch.full((len(x), self.n_classes), -torch.inf, device=x.device)
+        for task, f in enumerate(features):
+            head = self.heads[task]
+            penalty = OFF_TASK_PENALTY * (picked != task).to(x.dtype)
+            scores[:, self.task_classes[task]] = F.log_softmax(head(f), 1) - penalty[:, None]
+            macs = macs + head.in_features * head.out_features
+        layers = [m for m in self.task_classifier if isinstance(m, nn.Linear)]
+        return scores, macs + sum(layer.in_features * layer.out_features for layer in layers)
+
+    def forward_with_macs(self, x: torch.Tensor, task_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs and MACs executed per sample. Task setting: each sample through its own
+        task's path and head, outputs zero-padded to the largest head (as Avalanche's
+        `MultiTaskModule.forward`), whatever mix of tasks the batch holds."""
+        if self.setting == "class":
+            return self.class_scores(x)
+        out = torch.zeros(len(x), self.max_class_label, device=x.device)
+        macs = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        for task in task_labels.unique().tolist():
+            picked = task_labels == task
+            logits, trace = self.forward_path(x[picked], task)
+            out[picked, : logits.shape[1]] = logits
+            macs[picked] = trace.macs
+        return out, macs
+
+    def forward(self, x: torch.Tensor, task_labels: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_macs(x, task_labels)[0]
+
+
+def build_path_model(spec: ModelSpec, make_layer: Callable) -> TaskPathNet:
+    """`spec`'s backbone with every layer made by `make_layer(layer, norm, tied=None)`."""
+    if spec.backbone not in PATH_BACKBONES:
+        raise UserError(f"backbone {spec.backbone!r} has no per-task-path version; "
+                        f"choose one of: {', '.join(PATH_BACKBONES)}")
+    network = PATH_BACKBONES[spec.backbone](spec.input_shape[0], spec.width, spec.input_shape[1], make_layer)
+    return TaskPathNet(network, spec)

@@ -1,0 +1,64 @@
+"""The per-task-path network shared by ccgn and HAT: the same function as the dense
+backbones with every mask open, and per-sample accounting in batches that mix tasks."""
+
+import pytest
+import torch
+from torch import nn
+
+from clbench.models import BACKBONES, ModelSpec
+from clbench.path_network import PATH_BACKBONES, PathLayer, PathTrace
+from clbench.registry import get_strategy
+
+
+class OpenLayer(PathLayer):
+    """Every channel open: the masked layer reduced to the plain one."""
+
+    def mask(self, x, task):
+        return torch.ones(len(x), self.out_units)
+
+
+def weighted_layers(network: nn.Module) -> list[nn.Module]:
+    return [m for m in network.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
+
+
+@pytest.mark.parametrize("backbone,in_channels,size", [("small_cnn", 1, 28), ("resnet18", 3, 32)])
+def test_path_backbone_with_every_mask_open_is_the_dense_backbone(backbone, in_channels, size):
+    torch.manual_seed(0)
+    dense = BACKBONES[backbone](in_channels, 4, size).eval()
+    path = PATH_BACKBONES[backbone](in_channels, 4, size, OpenLayer).eval()
+    pairs = list(zip(weighted_layers(dense), weighted_layers(path), strict=True))
+    for plain, masked in pairs:
+        assert isinstance(masked, type(plain))
+        if isinstance(plain, nn.BatchNorm2d):  # statistics and affine parameters that matter
+            for tensor in (plain.weight.data, plain.bias.data, plain.running_mean):
+                tensor.uniform_(-1, 1)
+            plain.running_var.uniform_(0.5, 2)
+        missing, unexpected = masked.load_state_dict(plain.state_dict(), strict=False)
+        assert missing in ([], ["frozen"]) and not unexpected
+    x = torch.randn(6, in_channels, size, size)
+    with torch.no_grad():
+        expected = dense(x)
+        assert torch.allclose(path(x, 0, PathTrace()), expected, atol=1e-5)
+        # The comparison is sharp: one changed weight changes the output.
+        pairs[-1][1].weight[0].add_(0.1)
+        assert not torch.allclose(path(x, 0, PathTrace()), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ccgn", "hat"])
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+def test_a_batch_that_mixes_tasks_is_accounted_per_sample(strategy, backbone):
+    """Outputs and executed MACs of a mixed-task batch equal running each task's samples
+    apart (untrained gates and attention differ from task to task)."""
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone, 4, (1, 28, 28), "task", [[0, 1], [2, 3], [4, 5]])
+    model = get_strategy(strategy).from_hparams({}).make_model(spec).eval()
+    x = torch.randn(12, 1, 28, 28)
+    tasks = torch.tensor([2, 0, 1, 1, 0, 2, 2, 1, 0, 0, 1, 2])
+    with torch.no_grad():
+        out, macs = model.forward_with_macs(x, tasks)
+        assert torch.equal(model(x, tasks), out)
+        for task in range(3):
+            alone, trace = model.forward_path(x[tasks == task], task)
+            assert torch.allclose(out[tasks == task], alone, atol=1e-6)
+            assert torch.equal(macs[tasks == task], trace.macs)
+    assert len(set(macs.tolist())) > 1, "the tasks' paths should differ for this test to mean anything"
