@@ -88,17 +88,16 @@ def list_command():
 @click.option("--output", type=click.Path(dir_okay=False), help="also write the Markdown table to this file")
 def table(results_dir, output):
     """Final metrics of the finished runs under RESULTS_DIR, mean ± std over seeds, as a
-    Markdown table (unfinished runs are left out and listed)."""
+    Markdown table (unfinished and damaged runs are left out and listed)."""
     from clbench.report import summary_table
     from clbench.results import load_finished_runs, summarise_runs
 
-    runs, unfinished = load_finished_runs(results_dir)
+    runs, left_out = load_finished_runs(results_dir)
     if runs.empty:
         raise UserError(f"no finished runs under {results_dir}")
     text = summary_table(summarise_runs(runs)).to_markdown(index=False, disable_numparse=True)
     click.echo(text)
-    for run_dir in unfinished:
-        click.echo(f"not finished (left out): {run_dir}", err=True)
+    echo_left_out(left_out)
     if output:
         with open(output, "w") as handle:
             handle.write(text + "\n")
@@ -116,10 +115,14 @@ def report(results_dir, output, compare_with):
 
     from clbench.report import write_report
 
-    page, unfinished = write_report(results_dir, Path(output or Path(results_dir) / "report"), compare_with)
-    for run_dir in unfinished:
-        click.echo(f"not finished (left out): {run_dir}", err=True)
+    page, left_out = write_report(results_dir, Path(output or Path(results_dir) / "report"), compare_with)
+    echo_left_out(left_out)
     click.echo(f"report: {page}")
+
+
+def echo_left_out(left_out) -> None:
+    for run_dir, why in left_out:
+        click.echo(f"left out ({why}): {run_dir}", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("aborted", err=True)
         return 1
     except UserError as error:
-        click.echo(f"clbench: error: {error}", err=True)
+        click.echo(f"clbench: error: {' '.join(str(error).split())}", err=True)
         return 2
     return 0
 

@@ -15,19 +15,45 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from clbench.errors import UserError, describe_validation_error
 
 
+SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
+FLOAT32_MAX = 3.4028234e38  # larger learning rates overflow float32 weights
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML in which a repeated key is an error instead of silently keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The content of a YAML file; a one-line `UserError` for an unreadable, binary or
+    malformed file, or one with a repeated key."""
+    try:
+        return yaml.load(Path(path).read_text(), Loader=UniqueKeyLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UserError(f"cannot read {what} {path}: {' '.join(str(error).split())}") from None
+
+
 class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     scenario: str = Field("split_mnist_mini", description="scenario name (see `clbench list`)")
     strategy: str = Field("naive", description="strategy name (see `clbench list`)")
     setting: Literal["task", "class"] = Field(
         "task", description="task: task label known at test time (multi-head); class: not known (single head)")
-    seed: int = Field(0, ge=0, description="seeds weights, data order and (with shuffle_classes) class order")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seeds weights, data order and (with shuffle_classes) class order")
     epochs: int = Field(1, gt=0, description="training epochs per task")
     batch_size: int = Field(32, gt=0, description="training mini-batch size")
     eval_batch_size: int = Field(512, gt=0, description="evaluation mini-batch size")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimiser (ccgn and HAT use their own, see clbench list)")
-    lr: float = Field(0.01, gt=0, description="learning rate")
+    lr: float = Field(0.01, gt=0, le=FLOAT32_MAX, description="learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     backbone: str | None = Field(None, description="feature extractor: small_cnn or resnet18 (default: the scenario's)")
     width: int = Field(32, gt=0, description="channels of the backbone's (first) conv layers")
@@ -44,12 +70,11 @@ def resolve_config(config_file: str | Path | None, overrides: dict[str, Any]) ->
     """Defaults < config file < overrides (None values in `overrides` are ignored)."""
     values: dict[str, Any] = {}
     if config_file is not None:
-        try:
-            values = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise UserError(f"cannot read config file {config_file}: {error}") from None
+        values = read_yaml(config_file, "config file") or {}
         if not isinstance(values, dict):
             raise UserError(f"config file {config_file} must hold a mapping of option: value")
+        if not isinstance(values.get("hparams") or {}, dict):
+            raise UserError(f"config file {config_file}: hparams must be a mapping of name: value")
     hparams = {**(values.pop("hparams", None) or {}), **(overrides.pop("hparams", None) or {})}
     values.update({key: value for key, value in overrides.items() if value is not None})
     try:

@@ -20,6 +20,12 @@ class TaskClassifierHparams(Hyperparameters):
     classifier_lr: float = Field(1e-3, gt=0, description="class setting: task-classifier Adam learning rate")
 
 
+def memory_after_last_task(memory_size: int, trained_sizes: list[int]) -> int:
+    """Examples the task classifier's memory holds after the last task: memory_size //
+    tasks of each task's training examples, or all of them where it has fewer."""
+    return sum(min(memory_size // len(trained_sizes), size) for size in trained_sizes)
+
+
 class TaskPathTraining(SupervisedTemplate):
     """Each task trains its own path and head on task-local labels; the optimiser state is
     reset for every task (momentum left over would move protected weights). After a task

@@ -22,9 +22,10 @@ from clbench.models import ModelSpec, build_model
 
 
 class Hyperparameters(BaseModel):
-    """Typed hyperparameters with their defaults; an unknown name is an error."""
+    """Typed hyperparameters with their defaults; an unknown name or a non-finite number
+    is an error."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass

@@ -99,7 +99,7 @@ def embedded_image(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def html_page(results_dir: str, summary: pd.DataFrame, figures, unfinished, comparison: pd.DataFrame | None) -> str:
+def html_page(results_dir: str, summary: pd.DataFrame, figures, left_out, comparison: pd.DataFrame | None) -> str:
     parts = [f"<h1>clbench report: {html.escape(results_dir)}</h1>",
              "<p>Final metrics, mean ± std over seeds (the <i>seeds</i> column gives how many).</p>",
              summary.to_html(index=False, border=0, classes="table", escape=True)]
@@ -111,9 +111,9 @@ def html_page(results_dir: str, summary: pd.DataFrame, figures, unfinished, comp
     for caption, path in figures:
         parts.append(f'<figure><img src="{embedded_image(path)}" alt="{html.escape(caption)}">'
                      f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    if unfinished:
-        parts += ["<h2>Unfinished runs (left out)</h2><ul>"] + \
-                 [f"<li>{html.escape(str(p))}</li>" for p in unfinished] + ["</ul>"]
+    if left_out:
+        parts += ["<h2>Runs left out</h2><ul>"] + \
+                 [f"<li>{html.escape(str(path))}: {html.escape(why)}</li>" for path, why in left_out] + ["</ul>"]
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto;padding:1em}"
              ".table{border-collapse:collapse;font-size:13px}.table td,.table th{padding:3px 8px;"
              "border-bottom:1px solid #ddd;text-align:right}figure{margin:1.5em 0}img{max-width:100%}"
@@ -124,8 +124,8 @@ def html_page(results_dir: str, summary: pd.DataFrame, figures, unfinished, comp
 
 def write_report(results_dir: str, output: Path, compare_with: str | None = None) -> tuple[Path, list[Path]]:
     """Write the report of the finished runs under `results_dir` into `output`; returns
-    the HTML page and the unfinished runs that were left out."""
-    metrics, unfinished = load_metrics(results_dir)
+    the HTML page and the runs that were left out (unfinished or damaged), with why."""
+    metrics, left_out = load_metrics(results_dir)
     if metrics.empty:
         raise UserError(f"no finished runs under {results_dir}")
     runs = final_metrics(metrics)
@@ -148,5 +148,5 @@ def write_report(results_dir: str, output: Path, compare_with: str | None = None
     figures = make_figures(configurations(labelled), run_tables(labelled, "kernel_usage"),
                            run_tables(labelled, "gate_usage"), output / "figures")
     page = output / "report.html"
-    page.write_text(html_page(results_dir, summary, figures, unfinished, comparison))
-    return page, unfinished
+    page.write_text(html_page(results_dir, summary, figures, left_out, comparison))
+    return page, left_out

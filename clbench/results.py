@@ -58,13 +58,33 @@ def finished_run(cfg: RunConfig) -> Path | None:
 
 
 def start_run(cfg: RunConfig) -> Path:
-    """An empty run folder holding only the configuration (an interrupted run, or a
-    finished one being overwritten, is removed first)."""
+    """An empty folder for the run, holding only its configuration: the run folder itself
+    (an interrupted run there is removed first) or, where a finished run is being
+    overwritten, a hidden folder beside it, so that the finished run stays until the new
+    one completes (see `publish`)."""
     run_dir = run_dir_of(cfg)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    folder = run_dir.with_name(f".{run_dir.name}.new") if (run_dir / COMPLETED).exists() else run_dir
+    try:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        write_text(folder / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    except OSError as error:
+        raise UserError(f"cannot write the run folder {folder} ({error.strerror or error}); "
+                        "choose a writable --results-dir") from None
+    return folder
+
+
+def publish(folder: Path, cfg: RunConfig) -> Path:
+    """The completed run in `folder` becomes `cfg`'s run folder, replacing the finished run
+    there only now. Between the two renames a kill leaves the old run in `.<name>.old`."""
+    run_dir = run_dir_of(cfg)
+    if folder != run_dir:
+        old = run_dir.with_name(f".{run_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(run_dir, old)
+        os.rename(folder, run_dir)
+        shutil.rmtree(old)
     return run_dir
 
 
@@ -151,29 +171,55 @@ def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.nd
 RUN_KEYS = ["scenario", "setting", "strategy", "epochs", "hparams"]  # runs that differ only in the seed
 
 
-def load_metrics(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
-    """Every metric of every finished run under `root` as one long table (the run's keys,
-    seed and folder, then metric, step, task, value), and the folders of runs that are
-    not finished."""
-    frames, unfinished = [], []
-    for config_path in sorted(Path(root).rglob("config.yaml")):
-        run_dir = config_path.parent
-        if not (run_dir / COMPLETED).exists():
-            unfinished.append(run_dir)
-            continue
-        cfg = yaml.safe_load(config_path.read_text())
-        table = pd.read_csv(run_dir / "metrics.csv")
+class DamagedRun(Exception):
+    """A finished run folder whose files cannot be read as a run's."""
+
+
+def read_run(run_dir: Path) -> pd.DataFrame:
+    """A finished run's metrics.csv with its keys, seed and folder; `DamagedRun` if its
+    configuration, metrics or accuracy matrix are missing or malformed."""
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         keys = {key: cfg[key] for key in ("scenario", "setting", "strategy", "epochs", "seed")}
         keys["hparams"] = ", ".join(f"{k}={v}" for k, v in sorted(cfg["hparams"].items()))
-        frames.append(table.assign(**keys, run_dir=str(run_dir)))
-    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), unfinished
+        table = pd.read_csv(run_dir / "metrics.csv")
+        matrix = pd.read_csv(run_dir / "accuracy_matrix.csv", index_col="after_task").to_numpy(dtype=float)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, pd.errors.ParserError, pd.errors.EmptyDataError,
+            KeyError, TypeError, AttributeError, ValueError) as error:
+        raise DamagedRun(f"{type(error).__name__}: {' '.join(str(error).split())}") from None
+    if list(table.columns) != ["metric", "step", "task", "value"]:
+        raise DamagedRun("metrics.csv does not have the columns metric, step, task, value")
+    if matrix.size == 0 or matrix.shape[0] != matrix.shape[1] or not ((matrix >= 0) & (matrix <= 1)).all():
+        raise DamagedRun(f"accuracy_matrix.csv is not a square matrix of accuracies in [0, 1] (shape {matrix.shape})")
+    return table.assign(**keys, run_dir=str(run_dir))
 
 
-def load_finished_runs(root: str | Path) -> tuple[pd.DataFrame, list[Path]]:
+def load_metrics(root: str | Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    """Every metric of every finished run under `root` as one long table (the run's keys,
+    seed and folder, then metric, step, task, value), and the run folders left out, each
+    with why: not finished, or damaged. Hidden folders (a run being overwritten) are
+    skipped."""
+    frames, left_out = [], []
+    root = Path(root)
+    for config_path in sorted(root.rglob("config.yaml")):
+        run_dir = config_path.parent
+        if any(part.startswith(".") for part in run_dir.relative_to(root).parts):
+            continue
+        if not (run_dir / COMPLETED).exists():
+            left_out.append((run_dir, "not finished"))
+            continue
+        try:
+            frames.append(read_run(run_dir))
+        except DamagedRun as error:
+            left_out.append((run_dir, f"damaged: {error}"))
+    return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), left_out
+
+
+def load_finished_runs(root: str | Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     """Final-step metrics of every finished run under `root` (see `final_metrics`), and
-    the run folders that are not finished."""
-    metrics, unfinished = load_metrics(root)
-    return final_metrics(metrics), unfinished
+    the run folders left out (see `load_metrics`)."""
+    metrics, left_out = load_metrics(root)
+    return final_metrics(metrics), left_out
 
 
 def final_metrics(metrics: pd.DataFrame) -> pd.DataFrame:

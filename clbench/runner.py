@@ -115,6 +115,29 @@ class RunOutcome(NamedTuple):
     trained: bool  # False: the folder already held a finished run of this configuration
 
 
+def check_device(name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count() \
+            or device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) "
+                        "on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported; use cpu, cuda or cuda:<index>")
+
+
+def build_model(strategy: Strategy, spec: ModelSpec) -> torch.nn.Module:
+    try:
+        return strategy.make_model(spec)
+    except RuntimeError as error:  # PyTorch's allocator failing on a huge width
+        if "allocate" not in str(error):
+            raise
+        raise UserError(f"cannot allocate the {spec.backbone} network of width {spec.width} "
+                        "(not enough memory); choose a smaller --width") from None
+
+
 def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
     """The strategy, and the configuration with every default filled in (hyperparameters,
     backbone): what is saved with the run and identifies it."""
@@ -124,6 +147,7 @@ def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
         raise UserError(f"strategy {cfg.strategy!r} supports only the {' and '.join(strategy_cls.settings)} "
                         f"setting; got setting {cfg.setting!r}" + (f": {hint}" if hint else ""))
     strategy = strategy_cls.from_hparams(cfg.hparams)
+    check_device(cfg.device)
     return strategy, cfg.model_copy(update={"hparams": strategy.hp.model_dump(),
                                             "backbone": cfg.backbone or scenario_spec(cfg.scenario).backbone})
 
@@ -139,9 +163,9 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
                               cfg.classes_per_task, cfg.cache)
     RNGManager.set_random_seeds(cfg.seed)
     spec = ModelSpec(cfg.backbone, cfg.width, scenario.spec.input_shape, cfg.setting, scenario.task_classes)
-    model = strategy.make_model(spec)
+    model = build_model(strategy, spec)
     # Only now, with every input checked, does a run folder appear.
-    run_dir = results.start_run(cfg)
+    folder = results.start_run(cfg)
     started = time.time()
     progress = TrainingProgress()
     setup = TrainingSetup(make_optimizer=partial(make_optimizer, cfg), criterion=torch.nn.CrossEntropyLoss(),
@@ -157,7 +181,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
         progress.task = index + 1
         start = time.perf_counter()
         if strategy.retrain_from_scratch:
-            trainer = strategy.make_trainer(strategy.make_model(spec), setup)
+            trainer = strategy.make_trainer(build_model(strategy, spec), setup)
             trainer.train(train_stream[: index + 1])
         else:
             trainer.train(experience)
@@ -167,7 +191,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
         eval_times.append(time.perf_counter() - start)
 
     results.write_run(
-        run_dir, cfg, scenario,
+        folder, cfg, scenario,
         matrices={key: np.stack([row[key] for row in after_each_task]) for key in before_training},
         before_training=before_training,
         costs={"train_time_s": train_times, "eval_time_s": eval_times,
@@ -177,6 +201,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
         artifacts=trainer.artifacts() if hasattr(trainer, "artifacts") else {},
         started=started,
     )
+    run_dir = results.publish(folder, cfg)
     if progress.nonfinite_losses:
         warnings.warn(f"{progress.nonfinite_losses} training iterations had a non-finite loss: the run diverged "
                       f"(see nonfinite_loss_iterations in {run_dir / 'metrics.csv'})", stacklevel=2)

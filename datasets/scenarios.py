@@ -62,6 +62,11 @@ class Scenario:
     def n_classes(self) -> int:
         return sum(len(classes) for classes in self.task_classes)
 
+    @property
+    def train_sizes(self) -> list[int]:
+        """Training examples of each task: what bounds a memory."""
+        return [len(experience.dataset) for experience in self.benchmark.train_stream]
+
 
 SCENARIOS: dict[str, ScenarioSpec] = {
     spec.name: spec

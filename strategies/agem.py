@@ -15,7 +15,7 @@ class AGEM(Strategy):
         sample_size: int = Field(256, gt=0, description="memory examples drawn for each reference gradient")
 
     def stored_examples(self, scenario):
-        return self.hp.patterns_per_exp * scenario.n_tasks
+        return sum(min(self.hp.patterns_per_exp, size) for size in scenario.train_sizes)
 
     def make_trainer(self, model, setup):
         return AvalancheAGEM(model=model, optimizer=setup.make_optimizer(model), criterion=setup.criterion,

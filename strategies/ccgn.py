@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader
 
 from clbench.gates import GatedLayer
 from clbench.path_network import build_path_model
-from clbench.path_training import TaskClassifierHparams, TaskPathTraining
+from clbench.path_training import TaskClassifierHparams, TaskPathTraining, memory_after_last_task
 from clbench.registry import Strategy, register
 
 
@@ -45,7 +45,10 @@ class CCGN(Strategy):
         holdout_fraction: float = Field(0.1, gt=0, lt=1, description="share of each task's training data kept to measure firing rates")
 
     def stored_examples(self, scenario):
-        return self.hp.memory_size if scenario.setting == "class" else 0
+        if scenario.setting == "task":
+            return 0
+        trained = [size - int(self.hp.holdout_fraction * size) for size in scenario.train_sizes]
+        return memory_after_last_task(self.hp.memory_size, trained)
 
     def make_model(self, spec):
         return build_path_model(spec, partial(GatedLayer, n_tasks=spec.n_tasks, temperature=self.hp.temperature))

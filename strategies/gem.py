@@ -16,7 +16,7 @@ class GEM(Strategy):
         memory_strength: float = Field(0.5, ge=0, description="margin added to the projected gradient (gamma)")
 
     def stored_examples(self, scenario):
-        return self.hp.patterns_per_exp * scenario.n_tasks
+        return sum(min(self.hp.patterns_per_exp, size) for size in scenario.train_sizes)
 
     def make_trainer(self, model, setup):
         return AvalancheGEM(model=model, optimizer=setup.make_optimizer(model), criterion=setup.criterion,

@@ -1,6 +1,6 @@
 from clbench.strategies.hat import HAT, HATHparams
 
-from clbench.path_training import TaskClassifierHparams
+from clbench.path_training import TaskClassifierHparams, memory_after_last_task
 from clbench.registry import register
 
 
@@ -18,4 +18,4 @@ class HATTaskClassifier(HAT):
         pass
 
     def stored_examples(self, scenario):
-        return self.hp.memory_size
+        return memory_after_last_task(self.hp.memory_size, scenario.train_sizes)

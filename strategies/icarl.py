@@ -17,7 +17,8 @@ class ICaRL(Strategy):
         fixed_memory: bool = Field(True, description="True: memory_size shared by all classes; False: per class")
 
     def stored_examples(self, scenario):
-        return self.hp.memory_size if self.hp.fixed_memory else self.hp.memory_size * scenario.n_classes
+        cap = self.hp.memory_size if self.hp.fixed_memory else self.hp.memory_size * scenario.n_classes
+        return min(cap, sum(scenario.train_sizes))
 
     def make_trainer(self, model, setup):
         return AvalancheICaRL(feature_extractor=model.features, classifier=model.head,

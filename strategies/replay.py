@@ -15,7 +15,7 @@ class Replay(Strategy):
         memory_size: int = Field(500, gt=0, description="examples stored in total")
 
     def stored_examples(self, scenario):
-        return self.hp.memory_size
+        return min(self.hp.memory_size, sum(scenario.train_sizes))
 
     def make_trainer(self, model, setup):
         return AvalancheReplay(model=model, optimizer=setup.make_optimizer(model), criterion=setup.criterion,

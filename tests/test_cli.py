@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from clbench.cli import main
@@ -99,11 +100,63 @@ def test_list_shows_strategies_settings_hyperparameters_and_scenarios(capsys):
     (["--lr", "0"], "lr: Input should be greater than 0"),
     (["--backbone", "resnet1000"], "unknown backbone 'resnet1000'"),
     (["--hp", "no-equals-sign"], "--hp expects KEY=VALUE"),
+    (["--device", "bogus"], "unknown device 'bogus'"),
+    pytest.param(["--device", "cuda"], "CUDA GPU(s) on this machine; use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+    (["--seed", "99999999999999999999"], "seed: Input should be less than or equal to 4294967295"),
+    (["--seed", "4294967296"], "seed: Input should be less than or equal to 4294967295"),
+    (["--lr", "inf"], "lr: Input should be a finite number"),
+    (["--lr", "1e308"], "lr: Input should be less than or equal to"),
+    (["--strategy", "ewc", "--hp", "ewc_lambda=inf"], "ewc_lambda: Input should be a finite number"),
+    (["--strategy", "ccgn", "--hp", "sparsity=nan"], "sparsity: Input should be a finite number"),
+    (["--width", "100000"], "choose a smaller --width"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
     assert main(["run", "--results-dir", str(tmp_path)] + args) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x00\x01\xff\xfe", "cannot read config file"),
+    (b"hparams:\n  - 1\n", "hparams must be a mapping"),
+    (b"seed: 1\nseed: 2\n", "duplicate key 'seed'"),
+    (b"hparams: {ewc_lambda: 1, ewc_lambda: 2}\n", "duplicate key 'ewc_lambda'"),
+    (b"seed: [1\n", "cannot read config file"),
+])
+def test_bad_config_file_is_one_line_and_exit_code_2(content, message, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(content)
+    assert main(["run", "--config", str(config), "--results-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_results_dir_under_a_file_is_one_line_and_exit_code_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["run", "--results-dir", str(tmp_path / "file" / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "choose a writable --results-dir" in err and "\n" not in err
+
+
+def test_overwrite_keeps_the_finished_run_until_the_new_one_completes(tiny_scenario, tmp_path, monkeypatch):
+    args = ["run", "--scenario", tiny_scenario, "--results-dir", str(tmp_path)]
+    run_dir = tmp_path / tiny_scenario / "task" / "naive" / "seed0"
+    assert main(args) == 0
+    before = (run_dir / "accuracy_matrix.csv").read_text()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the process were stopped while the new run trains
+
+    with monkeypatch.context() as patch:
+        patch.setattr("clbench.runner.evaluate", killed)
+        assert main(args + ["--epochs", "2", "--overwrite"]) == 1  # "aborted"
+    assert (run_dir / "COMPLETED").exists() and (run_dir / "accuracy_matrix.csv").read_text() == before
+    assert "epochs: 1" in (run_dir / "config.yaml").read_text()
+    assert main(args + ["--epochs", "2", "--overwrite"]) == 0
+    assert "epochs: 2" in (run_dir / "config.yaml").read_text()
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["seed0"]  # no staging folder left
 
 
 def test_bad_input_leaves_no_run_folder_marked_complete(tmp_path):

@@ -28,6 +28,9 @@ def report_dir(tmp_path_factory, tiny_scenario_module):
     unfinished = root / tiny_scenario_module / "task" / "naive" / "seed7"
     unfinished.mkdir(parents=True)
     (unfinished / "config.yaml").write_text("strategy: naive\n")
+    damaged = root / tiny_scenario_module / "task" / "naive" / "seed8"
+    shutil.copytree(root / tiny_scenario_module / "task" / "naive" / "seed0", damaged)
+    (damaged / "accuracy_matrix.csv").write_text("after_task,task_1\n1,garbage\n")
     assert main(["report", str(root)]) == 0
     return root / "report"
 
@@ -43,7 +46,9 @@ def test_report_writes_tables_and_every_figure(report_dir):
             assert (report_dir / "figures" / f"tiny_task_{name}.{suffix}").stat().st_size > 1000, name
     page = (report_dir / "report.html").read_text()
     assert page.count("<img src=\"data:image/png;base64,") == len(FIGURES)
-    assert "seed7" in page  # listed as unfinished, not mixed in
+    # Listed apart, with why, not mixed in.
+    assert "seed7</li>" not in page and "seed7: not finished" in page
+    assert "seed8: damaged" in page
 
 
 def test_comparison_flags_differences_beyond_the_seed_spread(tmp_path):

@@ -13,7 +13,7 @@ def test_interrupted_run_is_listed_apart_and_replaced(tiny_scenario, tmp_path):
     interrupted = results.start_run(RunConfig(scenario=tiny_scenario, seed=1, results_dir=str(tmp_path)))
     (interrupted / "metrics.csv").write_text("half written")
     runs, unfinished = results.load_finished_runs(tmp_path)
-    assert runs.seed.tolist() == [0] and unfinished == [interrupted]
+    assert runs.seed.tolist() == [0] and unfinished == [(interrupted, "not finished")]
     assert runs.average_accuracy.item() == pytest.approx(
         pd.read_csv(finished / "accuracy_matrix.csv", index_col=0).iloc[-1].mean())
     # Starting the interrupted configuration again clears it.
@@ -39,6 +39,8 @@ def fabricate_run(root, strategy, seed, accuracy, hparams=None, finished=True):
     config = {"scenario": "s", "setting": "task", "strategy": strategy, "seed": seed, "epochs": 1,
               "hparams": hparams or {}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    pd.DataFrame({"after_task": [1, 2], "task_1": [accuracy, accuracy], "task_2": [0.0, accuracy]}).to_csv(
+        run_dir / "accuracy_matrix.csv", index=False)
     pd.DataFrame({"metric": ["average_accuracy", "accuracy", "train_time_s"], "step": [2, 2, 2],
                   "task": [None, 1, None], "value": [accuracy, 0.0, 3.0]}).to_csv(run_dir / "metrics.csv", index=False)
     if finished:
@@ -72,3 +74,35 @@ def test_a_diverged_run_reports_its_non_finite_losses(tiny_scenario, tmp_path):
         run_dir = run(RunConfig(scenario=tiny_scenario, lr=1e12, results_dir=str(tmp_path))).run_dir
     table = pd.read_csv(run_dir / "metrics.csv").set_index("metric")
     assert table.loc["nonfinite_loss_iterations", "value"] > 0
+
+
+DAMAGE = {
+    "metrics.csv missing": lambda run: (run / "metrics.csv").unlink(),
+    "matrix not numbers": lambda run: (run / "accuracy_matrix.csv").write_text("after_task,task_1\n1,garbage\n"),
+    "matrix empty": lambda run: (run / "accuracy_matrix.csv").write_text(""),
+    "matrix not square": lambda run: (run / "accuracy_matrix.csv").write_text("after_task,task_1\n1,0.5\n2,0.5\n"),
+    "matrix out of range": lambda run: (run / "accuracy_matrix.csv").write_text(
+        "after_task,task_1,task_2\n1,0.5,0.5\n2,1.5,0.5\n"),
+    "config garbage": lambda run: (run / "config.yaml").write_text("::: [\n"),
+    "config binary": lambda run: (run / "config.yaml").write_bytes(b"\xff\xfe\x00"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_run_is_left_out_and_the_others_are_reported(damage, tmp_path, capsys):
+    fabricate_run(tmp_path, "a", 0, 0.5)
+    fabricate_run(tmp_path, "a", 1, 0.7)
+    DAMAGE[damage](tmp_path / "s" / "task" / "a" / "seed1")
+    assert main(["table", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "0.500" in out and "0.600" not in out  # one seed counted, not two
+    assert "damaged" in err and "seed1" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("strategy,hparams", [("replay", {"memory_size": 10**12}),
+                                              ("agem", {"patterns_per_exp": 10**9})])
+def test_stored_examples_are_what_is_stored_not_the_cap(strategy, hparams, tiny_scenario, tmp_path):
+    run_dir = run(RunConfig(scenario=tiny_scenario, strategy=strategy, hparams=hparams,
+                            results_dir=str(tmp_path))).run_dir
+    table = pd.read_csv(run_dir / "metrics.csv").set_index("metric")
+    assert table.loc["stored_examples", "value"] == 1000  # the tiny scenario's whole training set
