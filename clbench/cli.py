@@ -1,4 +1,4 @@
-"""Command line: `clbench run`, `clbench list`, `clbench table`, `clbench report`.
+"""Command line: `clbench run`, `clbench sweep`, `clbench list`, `clbench table`, `clbench report`.
 
 `main(argv)` is the entry point tests call; it returns the exit code (2 for bad input,
 with a one-line message and no traceback).
@@ -61,6 +61,33 @@ def run(config_file, hparams, overwrite, **options):
     else:
         click.echo(f"already finished with this configuration, not run again: {run_dir} "
                    "(--overwrite runs it again)")
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="worker processes, each with its share of the cores [default: the cores available]")
+@click.option("--dry-run", is_flag=True,
+              help="list the runs and whether each is done, partial or missing; run nothing")
+def sweep(sweep_file, workers, dry_run):
+    """Run every run of SWEEP_FILE (YAML: `base` options and a `grid` of lists to sweep
+    over) that is not finished yet; see README, "Sweeps"."""
+    from clbench.sweep import available_cores, plan, run_sweep
+
+    planned = plan(sweep_file)
+    if dry_run:
+        for run in planned:
+            click.echo(f"{run.status:<8} {run.id}  {run.run_dir}")
+    counts = {status: sum(run.status == status for run in planned) for status in ("done", "partial", "missing")}
+    click.echo(f"{len(planned)} runs: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    if dry_run or counts["done"] == len(planned):
+        return
+    failures = run_sweep(planned, workers or available_cores())
+    click.echo(f"sweep finished: {len(planned) - len(failures)} of {len(planned)} runs done, {len(failures)} failed")
+    for run, error in failures:
+        click.echo(f"failed: {run.run_dir} ({error}; traceback in error.txt there)", err=True)
+    if failures:
+        raise click.exceptions.Exit(1)
 
 
 @cli.command(name="list")
@@ -127,7 +154,8 @@ def echo_left_out(left_out) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cli.main(args=argv, prog_name="clbench", standalone_mode=False)
+        # Without standalone mode, click returns the code of a `click.exceptions.Exit`.
+        code = cli.main(args=argv, prog_name="clbench", standalone_mode=False)
     except click.exceptions.Exit as done:
         return done.exit_code
     except click.ClickException as error:
@@ -139,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         click.echo(f"clbench: error: {' '.join(str(error).split())}", err=True)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

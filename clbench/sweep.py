@@ -1,0 +1,176 @@
+"""`clbench sweep FILE`: many runs from one YAML file, on a pool of worker processes.
+
+A sweep file has `base`, options shared by every run (any key of `clbench run`'s config,
+`hparams` included), and `grid`, one mapping or a list of them: in each, a list value is
+swept over, and every combination is one run. For example
+
+    base: {scenario: split_mnist, data_root: ../shared/data, results_dir: results/split_mnist}
+    grid:
+      - {setting: task, strategy: [naive, ewc], seed: [0, 1, 2]}
+      - {setting: class, strategy: [naive, icarl], seed: [0, 1, 2], hparams: {memory_size: [200, 500]}}
+
+Every run is resolved (defaults filled in, names and values checked) before anything
+trains, and named by a stable id, a hash of its resolved configuration. Runs already
+finished are skipped, so the same command after a crash or a kill finishes only what is
+missing. A run that fails leaves its traceback in `error.txt` in its folder and the
+others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from pydantic import ValidationError
+from tqdm.auto import tqdm
+
+from clbench import results
+from clbench.config import RunConfig, read_yaml
+from clbench.errors import UserError, describe_validation_error
+
+SWEEP_KEYS = {"base", "grid"}
+LOG = "run.log"
+ERROR = "error.txt"
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    id: str
+    cfg: RunConfig  # resolved
+    status: str  # done, partial (a folder without COMPLETED) or missing
+
+    @property
+    def run_dir(self) -> Path:
+        return results.run_dir_of(self.cfg)
+
+
+def run_id(cfg: RunConfig) -> str:
+    """A stable name for a resolved configuration: the hash of the fields that identify it."""
+    identity = {key: value for key, value in cfg.model_dump().items() if key not in results.NOT_IDENTIFYING}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def combinations(entry: dict) -> list[dict]:
+    """Every combination of the list values of `entry` (and of its `hparams`)."""
+    hparams = entry.get("hparams") or {}
+    if not isinstance(hparams, dict):
+        raise UserError("a sweep's hparams must be a mapping of name: value or list of values")
+    flat = {**{key: value for key, value in entry.items() if key != "hparams"},
+            **{("hparams", key): value for key, value in hparams.items()}}
+    choices = [value if isinstance(value, list) else [value] for value in flat.values()]
+    expanded = []
+    for values in itertools.product(*choices):
+        combination = {"hparams": {}}
+        for key, value in zip(flat, values):
+            if isinstance(key, tuple):
+                combination["hparams"][key[1]] = value
+            else:
+                combination[key] = value
+        expanded.append(combination)
+    return expanded
+
+
+def expand(sweep: dict) -> list[RunConfig]:
+    """The sweep's runs, in file order, as run configurations (not resolved yet)."""
+    if not isinstance(sweep, dict) or set(sweep) - SWEEP_KEYS or "grid" not in sweep:
+        keys = ", ".join(sorted(set(sweep) - SWEEP_KEYS)) if isinstance(sweep, dict) else "not a mapping"
+        raise UserError(f"a sweep file holds 'base' (optional) and 'grid' (a mapping or a list of them); got: {keys}")
+    base = sweep.get("base") or {}
+    grid = sweep["grid"] if isinstance(sweep["grid"], list) else [sweep["grid"]]
+    if not isinstance(base, dict) or not all(isinstance(entry, dict) for entry in grid):
+        raise UserError("a sweep's base and each entry of its grid must be mappings of option: value")
+    configs = []
+    for entry in grid:
+        for combination in combinations(entry):
+            merged = {**base, **combination, "hparams": {**(base.get("hparams") or {}), **combination["hparams"]}}
+            try:
+                configs.append(RunConfig(**merged))
+            except ValidationError as error:
+                raise UserError(f"invalid run in the sweep ({merged}): {describe_validation_error(error)}") from None
+    return configs
+
+
+def plan(path: str | Path) -> list[PlannedRun]:
+    """The sweep file's runs, resolved and checked, each with its status."""
+    from clbench.runner import resolve
+
+    planned, folders = [], {}
+    for cfg in expand(read_yaml(path, "sweep file")):
+        _, cfg = resolve(cfg)
+        run_dir = results.run_dir_of(cfg)
+        if run_dir in folders and folders[run_dir] != cfg:
+            raise UserError(f"two runs of the sweep would write the same folder {run_dir}: give them different "
+                            "results_dir values")
+        if run_dir in folders:
+            continue  # the same run listed twice
+        folders[run_dir] = cfg
+        status = "done" if results.finished_run(cfg) else "partial" if run_dir.exists() else "missing"
+        planned.append(PlannedRun(run_id(cfg), cfg, status))
+    return planned
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def set_threads(threads: int) -> None:
+    """Worker start-up: each worker uses `threads` cores, so that workers do not compete."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def execute(cfg: RunConfig) -> tuple[str | None, float]:
+    """One run in a worker, its output in `run.log` of its folder; the error (one line)
+    if it failed, with the traceback in `error.txt`."""
+    from clbench.runner import run
+
+    started = time.perf_counter()
+    log = results.run_dir_of(cfg).with_name(f".{results.run_dir_of(cfg).name}.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    error = None
+    with open(log, "w") as stream, redirect_stdout(stream), redirect_stderr(stream):
+        try:
+            run(cfg)
+        except Exception as failure:  # noqa: BLE001 - recorded, and the sweep goes on
+            error = f"{type(failure).__name__}: {' '.join(str(failure).split())}"
+            traceback.print_exc(file=stream)
+    run_dir = results.run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.replace(log, run_dir / LOG)
+    if error:  # the next attempt starts the folder afresh
+        results.write_text(run_dir / ERROR, (run_dir / LOG).read_text())
+    return error, time.perf_counter() - started
+
+
+def run_sweep(planned: list[PlannedRun], workers: int) -> list[tuple[PlannedRun, str]]:
+    """Run every planned run not done yet on `workers` processes; returns the failures.
+    Each worker gets cores // workers threads, however few runs remain, so that a resumed
+    sweep computes exactly as an uninterrupted one."""
+    todo = [run for run in planned if run.status != "done"]
+    threads = max(1, available_cores() // workers)
+    workers = min(workers, len(todo))
+    failures = []
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=set_threads,
+                             initargs=(threads,)) as pool, \
+            tqdm(total=len(todo), desc="sweep", unit="run", disable=None) as bar:
+        futures = {pool.submit(execute, run.cfg): run for run in todo}
+        for future in as_completed(futures):
+            run = futures[future]
+            error, seconds = future.result()
+            if error:
+                failures.append((run, error))
+            bar.update()
+            bar.set_postfix(failed=len(failures), refresh=False)
+            bar.write(f"{'failed' if error else 'done'} ({seconds:.0f} s): {run.run_dir}"
+                      + (f": {error}" if error else ""))
+    return failures
