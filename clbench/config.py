@@ -63,6 +63,7 @@ class RunConfig(BaseModel):
     data_root: str | None = Field(None, description="folder holding the dataset; else $CLBENCH_DATA_ROOT, else ~/.cache/clbench/data")
     results_dir: str = Field("runs", description="runs are written under this folder")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
+    keep_checkpoints: bool = Field(False, description="keep the last task's checkpoint when the run completes")
     hparams: dict[str, Any] = Field(default_factory=dict, description="strategy hyperparameters")
 
 

@@ -34,8 +34,22 @@ def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.results_dir) / cfg.scenario / cfg.setting / cfg.strategy / f"seed{cfg.seed}"
 
 
-# Where the data, the cache and the results are, and the device, do not change the results.
-NOT_IDENTIFYING = ("data_root", "cache", "results_dir", "device")
+CHECKPOINT = "checkpoint.pt"  # see clbench.checkpoint
+# Where the data, the cache and the results are, the device, and whether checkpoints are
+# kept do not change the results.
+NOT_IDENTIFYING = ("data_root", "cache", "results_dir", "device", "keep_checkpoints")
+
+
+def differing_fields(folder: Path, cfg: RunConfig) -> list[str]:
+    """The fields that identify a run in which `folder`'s saved configuration and `cfg`
+    differ (all of them where it has none that can be read)."""
+    try:
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    saved = saved if isinstance(saved, dict) else {}
+    wanted = cfg.model_dump()
+    return [key for key in wanted if key not in NOT_IDENTIFYING and saved.get(key) != wanted[key]]
 
 
 def finished_run(cfg: RunConfig) -> Path | None:
@@ -44,13 +58,7 @@ def finished_run(cfg: RunConfig) -> Path | None:
     run_dir = run_dir_of(cfg)
     if not (run_dir / COMPLETED).exists():
         return None
-    try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        saved = None
-    saved = saved if isinstance(saved, dict) else {}
-    wanted = cfg.model_dump()
-    differing = [key for key in wanted if key not in NOT_IDENTIFYING and saved.get(key) != wanted[key]]
+    differing = differing_fields(run_dir, cfg)
     if differing:
         raise UserError(f"{run_dir} holds a finished run of another configuration (differing: {', '.join(differing)}); "
                         "pass --overwrite to replace it or choose another --results-dir")
@@ -58,16 +66,17 @@ def finished_run(cfg: RunConfig) -> Path | None:
 
 
 def start_run(cfg: RunConfig) -> Path:
-    """An empty folder for the run, holding only its configuration: the run folder itself
-    (an interrupted run there is removed first) or, where a finished run is being
+    """The folder to run in: the run folder itself or, where a finished run is being
     overwritten, a hidden folder beside it, so that the finished run stays until the new
-    one completes (see `publish`)."""
+    one completes (see `publish`). An interrupted run of the same configuration with a
+    checkpoint is kept there, to be resumed; any other content is removed."""
     run_dir = run_dir_of(cfg)
     folder = run_dir.with_name(f".{run_dir.name}.new") if (run_dir / COMPLETED).exists() else run_dir
+    resumable = (folder / CHECKPOINT).exists() and not differing_fields(folder, cfg)
     try:
-        if folder.exists():
+        if folder.exists() and not resumable:
             shutil.rmtree(folder)
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)
         write_text(folder / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     except OSError as error:
         raise UserError(f"cannot write the run folder {folder} ({error.strerror or error}); "

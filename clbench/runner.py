@@ -3,6 +3,7 @@ after every task, write the results folder."""
 
 from __future__ import annotations
 
+import sys
 import time
 import warnings
 from functools import partial
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from clbench import results
+from clbench import checkpoint, results
 from clbench.config import RunConfig
 from clbench.datasets.scenarios import Scenario, build_scenario, scenario_spec
 from clbench.errors import UserError
@@ -173,11 +174,22 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
                           device=cfg.device, plugins=[progress], evaluator=partial(EvaluationPlugin, loggers=[]))
     evaluate_all = partial(evaluate, scenario=scenario, batch_size=cfg.eval_batch_size, device=cfg.device)
 
-    before_training = evaluate_all(model)
-    trainer = strategy.make_trainer(model, setup)
+    resumed = checkpoint.load(folder)
+    if resumed:  # the template, its plugins (this progress bar too) and the generators as they were
+        trainer, state = resumed["trainer"], resumed["progress"]
+        progress = next(plugin for plugin in trainer.plugins if isinstance(plugin, TrainingProgress))
+        setup.plugins = [progress]
+        print(f"resuming {folder} after task {len(state['after_each_task'])}", file=sys.stderr)
+    else:
+        state = {"started": started, "before_training": evaluate_all(model), "after_each_task": [],
+                 "train_times": [], "eval_times": []}
+        trainer = strategy.make_trainer(model, setup)
+    before_training, after_each_task = state["before_training"], state["after_each_task"]
+    train_times, eval_times = state["train_times"], state["eval_times"]
     train_stream = scenario.benchmark.train_stream
-    after_each_task, train_times, eval_times = [], [], []
-    for index, experience in enumerate(train_stream):
+    checkpoints = True
+    for index in range(len(after_each_task), len(train_stream)):
+        experience = train_stream[index]
         progress.task = index + 1
         start = time.perf_counter()
         if strategy.retrain_from_scratch:
@@ -189,6 +201,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
         start = time.perf_counter()
         after_each_task.append(evaluate_all(trainer.model))
         eval_times.append(time.perf_counter() - start)
+        checkpoints = checkpoints and checkpoint.save(folder, trainer, state)
 
     results.write_run(
         folder, cfg, scenario,
@@ -199,8 +212,10 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
                "nonfinite_loss_iterations": progress.nonfinite_losses,
                "parameters": parameter_count(trainer.model), "model_size_bytes": model_size_bytes(trainer.model)},
         artifacts=trainer.artifacts() if hasattr(trainer, "artifacts") else {},
-        started=started,
+        started=state["started"],
     )
+    if not cfg.keep_checkpoints:
+        (folder / results.CHECKPOINT).unlink(missing_ok=True)
     run_dir = results.publish(folder, cfg)
     if progress.nonfinite_losses:
         warnings.warn(f"{progress.nonfinite_losses} training iterations had a non-finite loss: the run diverged "

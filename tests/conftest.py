@@ -23,15 +23,25 @@ def first_per_class(dataset: ImageArrayDataset, per_class: int) -> ImageArrayDat
     return ImageArrayDataset(dataset.images[index], targets[index])
 
 
+def load_tiny(root, cache):
+    train, test, _ = load_split_mnist_mini(root, cache)
+    return first_per_class(train, 100), first_per_class(test, 20), "tiny test subset of split_mnist_mini"
+
+
+def tiny_spec():
+    """The embedded MNIST subset cut to 100 train / 20 test images per class, as scenario
+    'tiny': every strategy runs on it in seconds."""
+    return dataclasses.replace(SCENARIOS["split_mnist_mini"], name="tiny", load=load_tiny)
+
+
+# `python -c TINY_CLI clbench-arguments...`: the command line with the tiny scenario registered.
+TINY_CLI = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import conftest; "
+            "from clbench.datasets.scenarios import SCENARIOS; SCENARIOS['tiny'] = conftest.tiny_spec(); "
+            "from clbench.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
 def register_tiny(monkeypatch) -> str:
-    """The embedded MNIST subset cut to 100 train / 20 test images per class, registered
-    as scenario 'tiny': every strategy runs on it in seconds."""
-
-    def load(root, cache):
-        train, test, _ = load_split_mnist_mini(root, cache)
-        return first_per_class(train, 100), first_per_class(test, 20), "tiny test subset of split_mnist_mini"
-
-    monkeypatch.setitem(SCENARIOS, "tiny", dataclasses.replace(SCENARIOS["split_mnist_mini"], name="tiny", load=load))
+    monkeypatch.setitem(SCENARIOS, "tiny", tiny_spec())
     return "tiny"
 
 

@@ -1,0 +1,48 @@
+"""Checkpoints after every task: a run killed part-way resumes from its last finished
+task and ends with the same results as a run never killed."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import TINY_CLI
+
+from clbench.config import RunConfig
+from clbench.results import CHECKPOINT
+from clbench.runner import run
+
+
+def kill_after_tasks(command: list[str], folder, tasks: int) -> None:
+    """Start `command` and kill it once it has written its checkpoint `tasks` times."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = set()
+    while len(seen) < tasks and process.poll() is None:
+        try:
+            seen.add((folder / CHECKPOINT).stat().st_mtime_ns)
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert len(seen) == tasks, "the run finished before it could be killed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,setting", [("naive", "task"), ("ewc", "task"), ("lwf", "task"),
+                                              ("replay", "class"), ("ccgn", "class"), ("hat", "task")])
+def test_a_run_killed_after_task_3_resumes_and_ends_as_if_never_killed(strategy, setting, tiny_scenario, tmp_path,
+                                                                         capsys):
+    config = RunConfig(scenario=tiny_scenario, strategy=strategy, setting=setting)
+    reference = run(config.model_copy(update={"results_dir": str(tmp_path / "a")})).run_dir
+    command = [sys.executable, "-c", TINY_CLI, "run", "--scenario", tiny_scenario, "--strategy", strategy,
+               "--setting", setting, "--results-dir", str(tmp_path / "b")]
+    folder = tmp_path / "b" / tiny_scenario / setting / strategy / "seed0"
+    kill_after_tasks(command, folder, tasks=3)
+    assert not (folder / "COMPLETED").exists()
+    capsys.readouterr()
+    assert run(config.model_copy(update={"results_dir": str(tmp_path / "b")})).run_dir == folder
+    assert "after task 3" in capsys.readouterr().err
+    for name in ("accuracy_matrix.csv", "executed_macs_matrix.csv"):
+        assert (folder / name).read_text() == (reference / name).read_text()
+    assert not (folder / CHECKPOINT).exists()  # removed once the run completed
