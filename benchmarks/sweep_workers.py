@@ -59,7 +59,8 @@ def main():
     machine = {"machine": platform.processor() or platform.machine(), "cores": available_cores(),
                "python": platform.python_version(), "torch": torch.__version__,
                "avalanche": metadata.version("avalanche-lib"),
-               "clbench_commit": os.popen("git rev-parse --short HEAD").read().strip()}
+               "clbench_commit": os.popen("git rev-parse --short HEAD").read().strip()
+               + ("+dirty" if os.popen("git status --porcelain").read().strip() else "")}
     one = min(times[args.workers[0]])
     rows = [{"sweep": args.sweep_file, "runs": len(planned), "strategies": " ".join(args.strategies) or "all",
              "settings": " ".join(args.settings) or "all", "seeds": " ".join(map(str, args.seeds)) or "all",

@@ -69,7 +69,11 @@ def run(config_file, hparams, overwrite, **options):
               help="worker processes, each with its share of the cores [default: the cores available]")
 @click.option("--dry-run", is_flag=True,
               help="list the runs and whether each is done, partial or missing; run nothing")
-def sweep(sweep_file, workers, dry_run):
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              help="local worker processes, or Ray tasks (pip install -e '.[ray]') [default: local]")
+@click.option("--address", default=None,
+              help="with --executor ray: the Ray cluster to join [default: a local Ray instance]")
+def sweep(sweep_file, workers, dry_run, executor, address):
     """Run every run of SWEEP_FILE (YAML: `base` options and a `grid` of lists to sweep
     over) that is not finished yet; see README, "Sweeps"."""
     from clbench.sweep import available_cores, plan, run_sweep
@@ -82,7 +86,9 @@ def sweep(sweep_file, workers, dry_run):
     click.echo(f"{len(planned)} runs: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
     if dry_run or counts["done"] == len(planned):
         return
-    failures = run_sweep(planned, workers or available_cores())
+    if address and executor != "ray":
+        raise UserError("--address names a Ray cluster: use it with --executor ray")
+    failures = run_sweep(planned, workers or available_cores(), executor, address)
     click.echo(f"sweep finished: {len(planned) - len(failures)} of {len(planned)} runs done, {len(failures)} failed")
     for run, error in failures:
         click.echo(f"failed: {run.run_dir} ({error}; traceback in error.txt there)", err=True)

@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from clbench.errors import UserError, describe_validation_error
 
-
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit
 FLOAT32_MAX = 3.4028234e38  # larger learning rates overflow float32 weights
 
@@ -64,6 +63,8 @@ class RunConfig(BaseModel):
     results_dir: str = Field("runs", description="runs are written under this folder")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     keep_checkpoints: bool = Field(False, description="keep the last task's checkpoint when the run completes")
+    tensorboard: str | None = Field(None, description="log training loss, accuracy per task and gate usage for "
+                                                      "TensorBoard under this folder (off by default)")
     hparams: dict[str, Any] = Field(default_factory=dict, description="strategy hyperparameters")
 
 

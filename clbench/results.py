@@ -35,9 +35,9 @@ def run_dir_of(cfg: RunConfig) -> Path:
 
 
 CHECKPOINT = "checkpoint.pt"  # see clbench.checkpoint
-# Where the data, the cache and the results are, the device, and whether checkpoints are
-# kept do not change the results.
-NOT_IDENTIFYING = ("data_root", "cache", "results_dir", "device", "keep_checkpoints")
+# Where the data, the cache and the results are, the device, whether checkpoints are kept
+# and live logging do not change the results.
+NOT_IDENTIFYING = ("data_root", "cache", "results_dir", "device", "keep_checkpoints", "tensorboard")
 
 
 def differing_fields(folder: Path, cfg: RunConfig) -> list[str]:

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from avalanche.core import SupervisedPlugin
+from avalanche.evaluation.metrics import loss_metrics
+from avalanche.logging import TensorboardLogger
 from avalanche.models.utils import avalanche_forward
 from avalanche.training.determinism.rng_manager import RNGManager
 from avalanche.training.plugins import EvaluationPlugin
@@ -116,6 +118,26 @@ class RunOutcome(NamedTuple):
     trained: bool  # False: the folder already held a finished run of this configuration
 
 
+def make_evaluator(cfg: RunConfig):
+    """Avalanche's evaluation plugin for the templates: silent, or with `--tensorboard`
+    logging the training loss per mini-batch and epoch through Avalanche's TensorBoard
+    logger, under a folder per run."""
+    if not cfg.tensorboard:
+        return partial(EvaluationPlugin, loggers=[])
+    folder = Path(cfg.tensorboard) / cfg.scenario / cfg.setting / cfg.strategy / f"seed{cfg.seed}"
+    return partial(EvaluationPlugin, loss_metrics(minibatch=True, epoch=True),
+                   loggers=[TensorboardLogger(tb_log_dir=folder)])
+
+
+def log_scalars(trainer, values: dict[str, float], step: int) -> None:
+    """Values clbench measured itself, to the trainer's TensorBoard logger (if any)."""
+    for logger in trainer.evaluator.loggers:
+        if isinstance(logger, TensorboardLogger):
+            for name, value in values.items():
+                logger.log_single_metric(f"clbench/{name}", value, step)
+            logger.writer.flush()
+
+
 def check_device(name: str) -> None:
     try:
         device = torch.device(name)
@@ -171,7 +193,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
     progress = TrainingProgress()
     setup = TrainingSetup(make_optimizer=partial(make_optimizer, cfg), criterion=torch.nn.CrossEntropyLoss(),
                           train_mb_size=cfg.batch_size, train_epochs=cfg.epochs, eval_mb_size=cfg.eval_batch_size,
-                          device=cfg.device, plugins=[progress], evaluator=partial(EvaluationPlugin, loggers=[]))
+                          device=cfg.device, plugins=[progress], evaluator=make_evaluator(cfg))
     evaluate_all = partial(evaluate, scenario=scenario, batch_size=cfg.eval_batch_size, device=cfg.device)
 
     resumed = checkpoint.load(folder)
@@ -201,8 +223,12 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
         start = time.perf_counter()
         after_each_task.append(evaluate_all(trainer.model))
         eval_times.append(time.perf_counter() - start)
+        accuracy = after_each_task[-1]["accuracy"]
+        log_scalars(trainer, {"average_accuracy": accuracy[: index + 1].mean(),
+                              **{f"accuracy/task_{j + 1}": a for j, a in enumerate(accuracy)}}, index + 1)
         checkpoints = checkpoints and checkpoint.save(folder, trainer, state)
 
+    artifacts = trainer.artifacts() if hasattr(trainer, "artifacts") else {}
     results.write_run(
         folder, cfg, scenario,
         matrices={key: np.stack([row[key] for row in after_each_task]) for key in before_training},
@@ -211,9 +237,12 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
                "stored_examples": strategy.stored_examples(scenario),
                "nonfinite_loss_iterations": progress.nonfinite_losses,
                "parameters": parameter_count(trainer.model), "model_size_bytes": model_size_bytes(trainer.model)},
-        artifacts=trainer.artifacts() if hasattr(trainer, "artifacts") else {},
+        artifacts=artifacts,
         started=state["started"],
     )
+    if "gate_usage" in artifacts:  # mean over classes, per layer and task's path
+        for (task, layer), rate in artifacts["gate_usage"].groupby(["task", "layer"]).firing_rate.mean().items():
+            log_scalars(trainer, {f"gate_usage/{layer}": rate}, task)
     if not cfg.keep_checkpoints:
         (folder / results.CHECKPOINT).unlink(missing_ok=True)
     run_dir = results.publish(folder, cfg)

@@ -122,21 +122,19 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def set_threads(threads: int) -> None:
-    """Worker start-up: each worker uses `threads` cores, so that workers do not compete."""
+def execute(cfg: RunConfig, threads: int) -> tuple[str | None, float]:
+    """One run in a worker with `threads` PyTorch threads, its output in `run.log` of its
+    folder; the error (one line) if it failed, with the traceback in `error.txt`."""
     import torch
 
-    torch.set_num_threads(threads)
-
-
-def execute(cfg: RunConfig) -> tuple[str | None, float]:
-    """One run in a worker, its output in `run.log` of its folder; the error (one line)
-    if it failed, with the traceback in `error.txt`."""
     from clbench.runner import run
 
+    torch.set_num_threads(threads)
     started = time.perf_counter()
-    log = results.run_dir_of(cfg).with_name(f".{results.run_dir_of(cfg).name}.log")
+    run_dir = results.run_dir_of(cfg)
+    log = run_dir.with_name(f".{run_dir.name}.log")  # beside the folder, which the run may replace
     log.parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / ERROR).unlink(missing_ok=True)
     error = None
     with open(log, "w") as stream, redirect_stdout(stream), redirect_stderr(stream):
         try:
@@ -144,29 +142,63 @@ def execute(cfg: RunConfig) -> tuple[str | None, float]:
         except Exception as failure:  # noqa: BLE001 - recorded, and the sweep goes on
             error = f"{type(failure).__name__}: {' '.join(str(failure).split())}"
             traceback.print_exc(file=stream)
-    run_dir = results.run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     os.replace(log, run_dir / LOG)
-    if error:  # the next attempt starts the folder afresh
+    if error:
         results.write_text(run_dir / ERROR, (run_dir / LOG).read_text())
     return error, time.perf_counter() - started
 
 
-def run_sweep(planned: list[PlannedRun], workers: int) -> list[tuple[PlannedRun, str]]:
-    """Run every planned run not done yet on `workers` processes; returns the failures.
-    Each worker gets cores // workers threads, however few runs remain, so that a resumed
-    sweep computes exactly as an uninterrupted one."""
+def on_local_processes(todo: list[PlannedRun], workers: int, threads: int):
+    """(run, error, seconds) as each run finishes on a pool of `workers` processes."""
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(execute, run.cfg, threads): run for run in todo}
+        for future in as_completed(futures):
+            yield futures[future], *future.result()
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """`cfg` with its folders made absolute: Ray workers do not share the caller's
+    working directory."""
+    return cfg.model_copy(update={"results_dir": os.path.abspath(cfg.results_dir),
+                                  "data_root": cfg.data_root and os.path.abspath(cfg.data_root)})
+
+
+def on_ray(todo: list[PlannedRun], workers: int, threads: int, address: str | None):
+    """(run, error, seconds) as each run finishes as a Ray task of `threads` CPUs, on the
+    cluster at `address`, or on a local Ray instance of workers x threads CPUs."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("the Ray executor needs Ray: pip install -e '.[ray]'") from None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = ray.remote(num_cpus=threads, max_retries=0)(execute)
+        runs = {remote.remote(absolute_paths(run.cfg), threads): run for run in todo}
+        pending = list(runs)
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            yield runs[finished[0]], *ray.get(finished[0])
+    finally:
+        ray.shutdown()
+
+
+def run_sweep(planned: list[PlannedRun], workers: int, executor: str = "local",
+              address: str | None = None) -> list[tuple[PlannedRun, str]]:
+    """Run every planned run not done yet, `workers` at a time on local processes or as
+    Ray tasks; returns the failures. Each run gets cores // workers threads, however few
+    runs remain, so that a resumed sweep computes exactly as an uninterrupted one."""
     todo = [run for run in planned if run.status != "done"]
     threads = max(1, available_cores() // workers)
     workers = min(workers, len(todo))
+    finished = (on_ray(todo, workers, threads, address) if executor == "ray"
+                else on_local_processes(todo, workers, threads))
     failures = []
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=set_threads,
-                             initargs=(threads,)) as pool, \
-            tqdm(total=len(todo), desc="sweep", unit="run", disable=None) as bar:
-        futures = {pool.submit(execute, run.cfg): run for run in todo}
-        for future in as_completed(futures):
-            run = futures[future]
-            error, seconds = future.result()
+    with tqdm(total=len(todo), desc="sweep", unit="run", disable=None) as bar:
+        for run, error, seconds in finished:
             if error:
                 failures.append((run, error))
             bar.update()

@@ -187,3 +187,17 @@ def test_console_script_unknown_strategy(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "unknown strategy 'nope'" in done.stderr
+
+
+def test_tensorboard_logs_loss_accuracy_per_task_and_gate_usage(tiny_scenario, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(["run", "--scenario", tiny_scenario, "--strategy", "ccgn", "--results-dir", str(tmp_path / "runs"),
+                 "--tensorboard", str(tmp_path / "tb")]) == 0
+    events = EventAccumulator(str(tmp_path / "tb" / tiny_scenario / "task" / "ccgn" / "seed0"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert any(tag.startswith("Loss_MB/train_phase") for tag in tags)  # Avalanche's, per mini-batch
+    assert [event.step for event in events.Scalars("clbench/average_accuracy")] == [1, 2, 3, 4, 5]
+    assert "clbench/accuracy/task_5" in tags
+    assert any(tag.startswith("clbench/gate_usage/") for tag in tags)
