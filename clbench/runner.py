@@ -29,7 +29,7 @@ from clbench.errors import UserError
 from clbench.models import CountsExecutedMacs, ModelSpec, model_size_bytes, parameter_count
 from clbench.registry import Strategy, TrainingSetup, get_strategy
 
-# clbench evaluates with its own loop; Avalanche's evaluator is deliberately given no logger.
+# clbench evaluates with its own loop: without --tensorboard, Avalanche's evaluator has no logger.
 warnings.filterwarnings("ignore", message="No loggers specified")
 
 
@@ -176,9 +176,10 @@ def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
 
 
 def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
-    """Train and evaluate one configuration into its run folder. A folder that already
-    holds a finished run of the same configuration is left as it is (unless `overwrite`);
-    one of another configuration is an error."""
+    """Train and evaluate one configuration into its run folder, checkpointing after every
+    task and resuming from the checkpoint an interrupted run of it left. A folder that
+    already holds a finished run of the same configuration is left as it is (unless
+    `overwrite`); one of another configuration is an error."""
     strategy, cfg = resolve(cfg)
     if not overwrite and (finished := results.finished_run(cfg)):
         return RunOutcome(finished, trained=False)

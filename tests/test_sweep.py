@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -115,3 +116,10 @@ def test_the_ray_executor_on_a_local_instance_gives_the_local_results(tmp_path):
     expected = accuracy_matrices(tmp_path / "local")
     assert len(expected) == 2 and accuracy_matrices(tmp_path / "ray") == expected
     assert all(run.status == "done" for run in plan(on_ray))
+
+
+def test_readme_sweep_example_is_a_valid_sweep(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("## Sweeps", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "sweep.yaml").write_text(example)
+    assert len(plan(tmp_path / "sweep.yaml")) == 15
