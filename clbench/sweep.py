@@ -103,19 +103,15 @@ def plan(path: str | Path) -> list[PlannedRun]:
     """The sweep file's runs, resolved and checked, each with its status."""
     from clbench.runner import resolve
 
-    planned, folders = [], {}
+    folders = {}  # run folder -> configuration; a run listed twice is run once
     for cfg in expand(read_yaml(path, "sweep file")):
         _, cfg = resolve(cfg)
         run_dir = results.run_dir_of(cfg)
-        if run_dir in folders and folders[run_dir] != cfg:
+        if folders.setdefault(run_dir, cfg) != cfg:
             raise UserError(f"two runs of the sweep would write the same folder {run_dir}: give them different "
                             "results_dir values")
-        if run_dir in folders:
-            continue  # the same run listed twice
-        folders[run_dir] = cfg
-        status = "done" if results.finished_run(cfg) else "partial" if run_dir.exists() else "missing"
-        planned.append(PlannedRun(run_id(cfg), cfg, status))
-    return planned
+    return [PlannedRun(run_id(cfg), cfg, "done" if results.finished_run(cfg) else
+                       "partial" if run_dir.exists() else "missing") for run_dir, cfg in folders.items()]
 
 
 def available_cores() -> int:

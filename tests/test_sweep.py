@@ -55,6 +55,7 @@ def test_run_ids_name_the_configuration_not_where_it_is_written():
     ({"grid": {"lr": "inf"}}, "lr: Input should be a finite number"),
 ])
 def test_a_bad_sweep_file_is_one_line_and_exit_code_2_before_anything_runs(sweep, message, tmp_path, capsys):
+    sweep = {**sweep, "base": {**sweep.get("base", {}), "results_dir": str(tmp_path / "runs")}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
     assert main(["sweep", str(tmp_path / "sweep.yaml")]) == 2
     err = capsys.readouterr().err.strip()
