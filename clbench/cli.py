@@ -78,6 +78,8 @@ def sweep(sweep_file, workers, dry_run, executor, address):
     over) that is not finished yet; see README, "Sweeps"."""
     from clbench.sweep import available_cores, plan, run_sweep
 
+    if address and executor != "ray":
+        raise UserError("--address names a Ray cluster: use it with --executor ray")
     planned = plan(sweep_file)
     if dry_run:
         for run in planned:
@@ -86,8 +88,6 @@ def sweep(sweep_file, workers, dry_run, executor, address):
     click.echo(f"{len(planned)} runs: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
     if dry_run or counts["done"] == len(planned):
         return
-    if address and executor != "ray":
-        raise UserError("--address names a Ray cluster: use it with --executor ray")
     failures = run_sweep(planned, workers or available_cores(), executor, address)
     click.echo(f"sweep finished: {len(planned) - len(failures)} of {len(planned)} runs done, {len(failures)} failed")
     for run, error in failures:

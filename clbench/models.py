@@ -13,16 +13,11 @@ from torch import nn
 from clbench.errors import UserError
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a strategy's `make_model` builds a network for: the backbone and the
-    scenario's input and tasks."""
+class TaskClasses:
+    """The counts of anything that holds `task_classes`, the original class ids of each
+    task (a scenario, a model's spec)."""
 
-    backbone: str  # a key of BACKBONES
-    width: int  # channels of the (first) conv layers
-    input_shape: tuple[int, int, int]  # channels, height, width
-    setting: str  # "task" or "class"
-    task_classes: list[list[int]]  # original class ids of each task
+    task_classes: list[list[int]]
 
     @property
     def n_tasks(self) -> int:
@@ -31,6 +26,18 @@ class ModelSpec:
     @property
     def n_classes(self) -> int:
         return sum(len(classes) for classes in self.task_classes)
+
+
+@dataclass(frozen=True)
+class ModelSpec(TaskClasses):
+    """What a strategy's `make_model` builds a network for: the backbone and the
+    scenario's input and tasks."""
+
+    backbone: str  # a key of BACKBONES
+    width: int  # channels of the (first) conv layers
+    input_shape: tuple[int, int, int]  # channels, height, width
+    setting: str  # "task" or "class"
+    task_classes: list[list[int]]  # original class ids of each task
 
 
 @runtime_checkable

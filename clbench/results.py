@@ -30,8 +30,18 @@ COMPLETED = "COMPLETED"
 PACKAGES = ("clbench", "torch", "torchvision", "avalanche-lib", "numpy", "pandas", "matplotlib", "pydantic")
 
 
+def run_path(cfg: RunConfig) -> Path:
+    """`<scenario>/<setting>/<strategy>/seed<N>`: where a run goes under a results folder."""
+    return Path(cfg.scenario) / cfg.setting / cfg.strategy / f"seed{cfg.seed}"
+
+
 def run_dir_of(cfg: RunConfig) -> Path:
-    return Path(cfg.results_dir) / cfg.scenario / cfg.setting / cfg.strategy / f"seed{cfg.seed}"
+    return Path(cfg.results_dir) / run_path(cfg)
+
+
+def beside(run_dir: Path, suffix: str) -> Path:
+    """A hidden sibling of a run folder (`.seed0.new`), which reports skip."""
+    return run_dir.with_name(f".{run_dir.name}.{suffix}")
 
 
 CHECKPOINT = "checkpoint.pt"  # see clbench.checkpoint
@@ -71,7 +81,7 @@ def start_run(cfg: RunConfig) -> Path:
     one completes (see `publish`). An interrupted run of the same configuration with a
     checkpoint is kept there, to be resumed; any other content is removed."""
     run_dir = run_dir_of(cfg)
-    folder = run_dir.with_name(f".{run_dir.name}.new") if (run_dir / COMPLETED).exists() else run_dir
+    folder = beside(run_dir, "new") if (run_dir / COMPLETED).exists() else run_dir
     resumable = (folder / CHECKPOINT).exists() and not differing_fields(folder, cfg)
     try:
         if folder.exists() and not resumable:
@@ -89,7 +99,7 @@ def publish(folder: Path, cfg: RunConfig) -> Path:
     there only now. Between the two renames a kill leaves the old run in `.<name>.old`."""
     run_dir = run_dir_of(cfg)
     if folder != run_dir:
-        old = run_dir.with_name(f".{run_dir.name}.old")
+        old = beside(run_dir, "old")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(run_dir, old)
         os.rename(folder, run_dir)

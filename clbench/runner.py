@@ -124,9 +124,8 @@ def make_evaluator(cfg: RunConfig):
     logger, under a folder per run."""
     if not cfg.tensorboard:
         return partial(EvaluationPlugin, loggers=[])
-    folder = Path(cfg.tensorboard) / cfg.scenario / cfg.setting / cfg.strategy / f"seed{cfg.seed}"
     return partial(EvaluationPlugin, loss_metrics(minibatch=True, epoch=True),
-                   loggers=[TensorboardLogger(tb_log_dir=folder)])
+                   loggers=[TensorboardLogger(tb_log_dir=Path(cfg.tensorboard) / results.run_path(cfg))])
 
 
 def log_scalars(trainer, values: dict[str, float], step: int) -> None:
@@ -143,8 +142,7 @@ def check_device(name: str) -> None:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use cpu, cuda or cuda:<index>") from None
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count() \
-            or device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise UserError(f"device {name!r} asked for, but PyTorch sees {torch.cuda.device_count()} CUDA GPU(s) "
                         "on this machine; use --device cpu")
     if device.type not in ("cpu", "cuda"):

@@ -128,7 +128,7 @@ def execute(cfg: RunConfig, threads: int) -> tuple[str | None, float]:
     torch.set_num_threads(threads)
     started = time.perf_counter()
     run_dir = results.run_dir_of(cfg)
-    log = run_dir.with_name(f".{run_dir.name}.log")  # beside the folder, which the run may replace
+    log = results.beside(run_dir, "log")  # outside the folder, which the run may replace
     log.parent.mkdir(parents=True, exist_ok=True)
     (run_dir / ERROR).unlink(missing_ok=True)
     error = None

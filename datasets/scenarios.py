@@ -27,6 +27,7 @@ from clbench.datasets.loaders import (
 from torch.utils.data import Dataset
 
 from clbench.errors import UserError
+from clbench.models import TaskClasses
 
 SETTINGS = ("task", "class")
 
@@ -45,7 +46,7 @@ class ScenarioSpec:
 
 
 @dataclass(frozen=True)
-class Scenario:
+class Scenario(TaskClasses):
     """A built scenario for one setting: the Avalanche benchmark plus what models need."""
 
     spec: ScenarioSpec
@@ -53,14 +54,6 @@ class Scenario:
     benchmark: object  # Avalanche NCScenario
     task_classes: list[list[int]]  # original class ids of each task
     source: str
-
-    @property
-    def n_tasks(self) -> int:
-        return len(self.task_classes)
-
-    @property
-    def n_classes(self) -> int:
-        return sum(len(classes) for classes in self.task_classes)
 
     @property
     def train_sizes(self) -> list[int]:
