@@ -107,11 +107,13 @@ def test_a_sweep_killed_at_a_random_moment_finishes_as_if_never_killed(tmp_path)
         assert not pd.read_csv(path).duplicated(["metric", "step", "task"]).any()
 
 
-def test_the_ray_executor_on_a_local_instance_gives_the_local_results(tmp_path):
+def test_the_ray_executor_on_a_local_instance_gives_the_local_results(tmp_path, monkeypatch):
     pytest.importorskip("ray", reason="Ray is an optional extra (pip install -e '.[ray]')")
     grid = [{"strategy": "naive", "seed": [0, 1]}]
     on_ray = write_sweep(tmp_path / "ray.yaml", tmp_path / "ray", grid)
-    assert main(["sweep", on_ray, "--executor", "ray", "--workers", "2"]) == 0
+    with monkeypatch.context() as patch:  # the runs must not go to local processes
+        patch.setattr("clbench.sweep.on_local_processes", None)
+        assert main(["sweep", on_ray, "--executor", "ray", "--workers", "2"]) == 0
     local = write_sweep(tmp_path / "local.yaml", tmp_path / "local", grid)
     assert main(["sweep", local, "--workers", "2"]) == 0
     expected = accuracy_matrices(tmp_path / "local")
