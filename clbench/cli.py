@@ -84,7 +84,7 @@ def sweep(sweep_file, workers, dry_run, executor, address):
     if dry_run:
         for run in planned:
             click.echo(f"{run.status:<8} {run.id}  {run.run_dir}")
-    counts = {status: sum(run.status == status for run in planned) for status in ("done", "partial", "missing")}
+    counts = {status: sum(run.status == status for run in planned) for status in ("done", "other", "partial", "missing")}
     click.echo(f"{len(planned)} runs: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
     if dry_run or counts["done"] == len(planned):
         return

@@ -51,9 +51,11 @@ class RunConfig(BaseModel):
     epochs: int = Field(1, gt=0, description="training epochs per task")
     batch_size: int = Field(32, gt=0, description="training mini-batch size")
     eval_batch_size: int = Field(512, gt=0, description="evaluation mini-batch size")
-    optimizer: Literal["sgd", "adam"] = Field("sgd", description="optimiser (ccgn and HAT use their own, see clbench list)")
-    lr: float = Field(0.01, gt=0, le=FLOAT32_MAX, description="learning rate")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    # Null where the run does not use them (a strategy with its own optimiser; momentum with Adam).
+    optimizer: Literal["sgd", "adam"] | None = Field(
+        "sgd", description="optimiser (not for ccgn and HAT, which have their own: see clbench list)")
+    lr: float | None = Field(0.01, gt=0, le=FLOAT32_MAX, description="learning rate of --optimizer")
+    momentum: float | None = Field(0.9, ge=0, lt=1, description="SGD momentum")
     backbone: str | None = Field(None, description="feature extractor: small_cnn or resnet18 (default: the scenario's)")
     width: int = Field(32, gt=0, description="channels of the backbone's (first) conv layers")
     classes_per_task: int | None = Field(None, gt=0, description="classes per task (default: the scenario's)")

@@ -4,6 +4,8 @@ task classifier (Abati et al., CVPR 2020): all learned paths run on the input, t
 features are concatenated, and an MLP picks the task whose head answers.
 """
 
+from typing import Literal
+
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from avalanche.training.templates import SupervisedTemplate
 from pydantic import Field
 from torch.utils.data import DataLoader, TensorDataset
 
+from clbench.path_network import PathTrace
 from clbench.registry import Hyperparameters
 
 
@@ -18,6 +21,10 @@ class TaskClassifierHparams(Hyperparameters):
     memory_size: int = Field(500, gt=0, description="class setting: episodic memory C of the task classifier")
     classifier_epochs: int = Field(10, gt=0, description="class setting: task-classifier epochs after each task")
     classifier_lr: float = Field(1e-3, gt=0, description="class setting: task-classifier Adam learning rate")
+    classifier_training: Literal["after", "during", "both"] = Field(
+        "after", description="class setting: train the task classifier after each task on the frozen paths' features, "
+                             "during each task with a memory batch replayed through every path (its loss also "
+                             "trains the task's path), or both")
 
 
 def memory_after_last_task(memory_size: int, trained_sizes: list[int]) -> int:
@@ -59,14 +66,46 @@ class TaskPathTraining(SupervisedTemplate):
         self.local_label[classes] = torch.arange(len(classes), device=self.device)
         super()._before_training_exp(**kwargs)
 
+    @property
+    def classifier_trains_during_task(self) -> bool:
+        return self.model.setting == "class" and self.hp.classifier_training != "after" and self.task > 0
+
     def forward(self):
-        """The current task's path; its trace (masks, MACs) is kept for the loss."""
-        logits, self.trace = self.model.forward_path(self.mb_x, self.task)
-        return logits
+        """The current task's path; its trace (masks, MACs) is kept for the loss. When the
+        task classifier trains during the task, a batch from the memory joins the input and
+        the classifier's loss on every path's features is kept too."""
+        if not self.classifier_trains_during_task:
+            logits, self.trace = self.model.forward_path(self.mb_x, self.task)
+            return logits
+        model, batch = self.model, len(self.mb_x)
+        stored, stored_tasks = self.memory_batch()
+        x = torch.cat([self.mb_x, stored])
+        trace = PathTrace()
+        features = model.backbone(x, self.task, trace)
+        self.trace = PathTrace(masks=[mask[:batch] for mask in trace.masks])
+        model.eval()  # learned paths as at test: deterministic gates, stored statistics
+        with torch.no_grad():
+            learned = [model.backbone(x, task, PathTrace()) for task in range(self.task)]
+        model.train()
+        tasks = torch.cat([torch.full((batch,), self.task, device=self.device), stored_tasks])
+        every_task_equally = 1 / torch.bincount(tasks, minlength=self.task + 1).clamp(min=1).float()
+        self.classifier_loss = F.cross_entropy(model.classify_task(torch.cat([*learned, features], 1)), tasks,
+                                               weight=every_task_equally)
+        return model.heads[self.task](features[:batch])
+
+    def memory_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch's worth of stored inputs of the learned tasks, and their tasks."""
+        inputs = torch.cat([self.memory[task] for task in range(self.task)])
+        tasks = torch.cat([torch.full((len(self.memory[task]),), task) for task in range(self.task)])
+        chosen = torch.randint(len(inputs), (self.train_mb_size,))
+        return inputs[chosen].to(self.device), tasks[chosen].to(self.device)
 
     def task_loss(self) -> torch.Tensor:
+        """Cross-entropy of the task's head, plus the task classifier's loss when it trains
+        during the task."""
         labels = self.mb_y if self.model.setting == "task" else self.local_label[self.mb_y]
-        return self._criterion(self.mb_output, labels)
+        loss = self._criterion(self.mb_output, labels)
+        return loss + self.classifier_loss if self.classifier_trains_during_task else loss
 
     def protect_task(self):
         raise NotImplementedError
@@ -84,7 +123,8 @@ class TaskPathTraining(SupervisedTemplate):
         self.model.tasks_learned = self.task + 1
         if self.model.setting == "class":
             self.update_memory()
-            self.train_task_classifier()
+            if self.hp.classifier_training != "during":
+                self.train_task_classifier()
         super()._after_training_exp(**kwargs)
 
     @torch.no_grad()

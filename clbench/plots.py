@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from clbench.registry import load_strategies
+
 OKABE_ITO = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "h", "<"]  # not a multiple of 8: colour repeats get new markers
 LINESTYLES = ["-", "--", ":", "-."]
@@ -102,18 +104,44 @@ def kernel_usage_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
     save_png(fig, path)
 
 
-# Figures for the extra tables a strategy saves (`artifacts()`), by table name.
-ARTIFACT_PLOTS = {"gate_usage": gate_usage_heatmap, "kernel_usage": kernel_usage_heatmap}
+def confusion_fractions(table: pd.DataFrame) -> pd.DataFrame:
+    """The last step of a task_confusion.csv as fractions of each true task's test samples."""
+    last = table[table.after_task == table.after_task.max()]
+    counts = last.pivot_table(index="true_task", columns="predicted_task", values="samples", aggfunc="sum")
+    return counts.div(counts.sum(1), axis=0)
+
+
+def task_confusion_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:
+    """After the last task: the share of each task's test samples given a class of each
+    task (the diagonal is the task-inference accuracy)."""
+    fractions = confusion_fractions(table)
+    fig, ax = plt.subplots(figsize=(1.0 * fractions.shape[1] + 2.5, 1.0 * len(fractions) + 1.8))
+    image = percent_heatmap(ax, fractions.to_numpy(), digits=1)
+    ax.set_xticks(range(fractions.shape[1]), [str(c) for c in fractions.columns])
+    ax.set_yticks(range(len(fractions)), [str(i) for i in fractions.index])
+    ax.set_xlabel("task of the predicted class")
+    ax.set_ylabel("true task")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label="test samples (%)")
+    save_png(fig, path)
+
+
+# Figures for the extra tables a run saves (a strategy's `artifacts()`, the class
+# setting's task confusion), by table name.
+ARTIFACT_PLOTS = {"gate_usage": gate_usage_heatmap, "kernel_usage": kernel_usage_heatmap,
+                  "task_confusion": task_confusion_heatmap}
 
 
 # Report figures: several runs, mean over seeds.
 
 
 class Palette:
-    """A fixed style per strategy name, shared by every figure of a report."""
+    """A fixed style per strategy name, the same in every report whatever strategies it
+    shows: the registered strategies in name order, then any others (e.g. removed since)."""
 
     def __init__(self, strategies):
-        self.index = {name: i for i, name in enumerate(sorted(set(strategies)))}
+        registered = list(load_strategies())
+        self.index = {name: i for i, name in enumerate(registered + sorted(set(strategies) - set(registered)))}
 
     def __call__(self, strategy: str) -> dict:
         i = self.index[strategy]
@@ -269,14 +297,18 @@ def save_png_pdf(fig, folder: Path, name: str) -> Path:
 
 def make_figures(configurations: dict, usage: pd.DataFrame, gates: pd.DataFrame,
                  folder: Path) -> list[tuple[str, Path]]:
-    """Every report figure, per scenario and setting, as (caption, PNG path).
-    `configurations`: (scenario, setting) -> [(label, strategy, its runs' metrics)];
+    """Every report figure, per scenario, data and setting, as (caption, PNG path).
+    `configurations`: (scenario, data, setting) -> [(label, strategy, its runs' metrics)];
     `usage`, `gates`: the runs' kernel_usage and gate_usage tables (may be empty)."""
     folder.mkdir(parents=True, exist_ok=True)
     palette = Palette(strategy for configs in configurations.values() for _, strategy, _ in configs)
     figures = []
-    for (scenario, setting), configs in configurations.items():
-        title = f"{scenario}, {setting}-incremental"
+    for (scenario, data, setting), configs in configurations.items():
+        title = f"{scenario} (data {data}), {setting}-incremental"
+        # File names name the data only where a scenario has runs on several.
+        several = len({d for s, d, _ in configurations if s == scenario}) > 1
+        stem = f"{scenario}_{data}_{setting}" if several else f"{scenario}_{setting}"
+        runs_here = "scenario == @scenario and data == @data and setting == @setting"
         drawn = [  # (caption, figure, file name)
             ("average accuracy vs tasks learned (mean ± std over seeds)",
              figure_average_accuracy(configs, palette, title), "average_accuracy"),
@@ -289,11 +321,11 @@ def make_figures(configurations: dict, usage: pd.DataFrame, gates: pd.DataFrame,
             ("accuracy vs model size",
              figure_cost(configs, palette, title, "model_size_bytes", "model size (MB)", 1e-6), "accuracy_vs_size"),
         ]
-        if not usage.empty and not (part := usage.query("scenario == @scenario and setting == @setting")).empty:
+        if not usage.empty and not (part := usage.query(runs_here)).empty:
             drawn.append(("capacity in use (ccgn: frozen kernels; HAT: cumulative mask > 0.5)",
                           figure_capacity(part, palette, title), "capacity"))
-        if not gates.empty and not (part := gates.query("scenario == @scenario and setting == @setting")).empty:
+        if not gates.empty and not (part := gates.query(runs_here)).empty:
             drawn.append(("gate usage per layer and task", figure_gate_usage(part, palette, title), "gate_usage"))
-        figures += [(f"{title}: {caption}", save_png_pdf(figure, folder, f"{scenario}_{setting}_{name}"))
+        figures += [(f"{title}: {caption}", save_png_pdf(figure, folder, f"{stem}_{name}"))
                     for caption, figure, name in drawn]
     return figures

@@ -53,6 +53,9 @@ class TrainingSetup:
                     plugins=[*self.plugins, *extra_plugins], evaluator=self.evaluator)
 
 
+OPTIMIZER_OPTIONS = ("optimizer", "lr", "momentum")  # the run's; what a strategy with its own optimiser replaces
+
+
 class Strategy:
     """A continual-learning strategy: its name, the settings it supports, its typed
     hyperparameters (`self.hp`), the network it trains and the Avalanche template that
@@ -67,6 +70,9 @@ class Strategy:
     retrain_from_scratch: ClassVar[bool] = False
     # Why a setting is not supported, and what to use instead (shown in the error).
     setting_hint: ClassVar[dict[str, str]] = {}
+    # Run-level options the strategy replaces with hyperparameters of its own (OPTIMIZER_OPTIONS
+    # for its own optimiser): giving one is an error, and the run records it as null.
+    own_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, hp: Hyperparameters):
         self.hp = hp

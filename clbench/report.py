@@ -8,6 +8,7 @@ import base64
 import html
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from clbench.errors import UserError
@@ -19,7 +20,7 @@ from clbench.results import (
     load_metrics,
     run_tables,
     summarise_runs,
-    varying_hparams,
+    varying,
     with_labels,
 )
 
@@ -49,13 +50,20 @@ def format_mean_std(mean: float, std: float, metric: str) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}{unit}"
 
 
+def key_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Scenario, setting and strategy, and each other key in which rows of a strategy
+    differ (blank where they do not)."""
+    shown = frame[["scenario", "setting", "strategy"]].copy()
+    for key in RUN_KEYS:
+        if key not in shown and (differs := varying(frame, key)).any():
+            shown[key] = frame[key].where(differs, "")
+    return shown
+
+
 def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration of a `summarise_runs` table: keys, seeds, then each
+    """One row per configuration of a `summarise_runs` table: keys, runs, then each
     metric as 'mean ± std'."""
-    shown = summary[["scenario", "setting", "strategy", "epochs", "seeds"]].copy()
-    varying = varying_hparams(summary)
-    if varying.any():
-        shown.insert(3, "hparams", summary.hparams.where(varying, ""))
+    shown = key_columns(summary).assign(runs=summary.runs)
     for metric, title in TABLE_METRICS.items():
         values = summary.get(f"{metric}_mean", pd.Series(dtype=float))
         if values.notna().any() and (metric not in SHOWN_IF_NONZERO or (values > 0).any()):
@@ -65,18 +73,19 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def configurations(metrics: pd.DataFrame):
-    """(scenario, setting) -> list of (label, strategy, that configuration's metrics)."""
+    """(scenario, data, setting) -> list of (label, strategy, that configuration's metrics)."""
     groups = {}
     for keys, frame in metrics.groupby(RUN_KEYS, sort=True):
         row = dict(zip(RUN_KEYS, keys))
-        groups.setdefault((row["scenario"], row["setting"]), []).append((frame.label.iloc[0], row["strategy"], frame))
+        groups.setdefault((row["scenario"], row["data"], row["setting"]), []).append(
+            (frame.label.iloc[0], row["strategy"], frame))
     return groups
 
 
 def compare(runs_a: pd.DataFrame, runs_b: pd.DataFrame) -> pd.DataFrame:
     """Per configuration in both and metric: mean in A and B, the difference B - A, and a
     flag where it exceeds the seed-to-seed spread (the larger of the two stds; with a
-    single seed on either side the spread is unknown and nothing is flagged)."""
+    single run on either side the spread is unknown and nothing is flagged)."""
     a, b = summarise_runs(runs_a), summarise_runs(runs_b)
     both = a.merge(b, on=RUN_KEYS, suffixes=("_a", "_b"))
     rows = []
@@ -87,12 +96,18 @@ def compare(runs_a: pd.DataFrame, runs_b: pd.DataFrame) -> pd.DataFrame:
             mean_a, mean_b = row[f"{metric}_mean_a"], row[f"{metric}_mean_b"]
             if mean_a != mean_a or mean_b != mean_b:
                 continue
-            spread = max(row[f"{metric}_std_a"], row[f"{metric}_std_b"])
+            spread = np.maximum(row[f"{metric}_std_a"], row[f"{metric}_std_b"])  # NaN if either is
             difference = mean_b - mean_a
             rows.append({**{k: row[k] for k in RUN_KEYS}, "metric": metric, "mean_a": mean_a, "mean_b": mean_b,
                          "difference": difference, "spread": spread,
                          "exceeds_spread": bool(abs(difference) > spread) if spread == spread else None})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[*RUN_KEYS, "metric", "mean_a", "mean_b", "difference", "spread",
+                                       "exceeds_spread"])
+
+
+def shown_comparison(comparison: pd.DataFrame) -> pd.DataFrame:
+    """A `compare` table with its keys as the summary shows them."""
+    return pd.concat([key_columns(comparison), comparison.drop(columns=RUN_KEYS)], axis=1)
 
 
 def embedded_image(path: Path) -> str:
@@ -101,12 +116,13 @@ def embedded_image(path: Path) -> str:
 
 def html_page(results_dir: str, summary: pd.DataFrame, figures, left_out, comparison: pd.DataFrame | None) -> str:
     parts = [f"<h1>clbench report: {html.escape(results_dir)}</h1>",
-             "<p>Final metrics, mean ± std over seeds (the <i>seeds</i> column gives how many).</p>",
+             "<p>Final metrics, mean ± std over seeds (the <i>runs</i> column gives how many).</p>",
              summary.to_html(index=False, border=0, classes="table", escape=True)]
     if comparison is not None and not comparison.empty:
         parts += ["<h2>Comparison (B − A)</h2>",
-                  "<p>Flagged where the difference exceeds the larger seed-to-seed std.</p>",
-                  comparison.to_html(index=False, border=0, classes="table", float_format="%.4f")]
+                  ("<p>Flagged where the difference exceeds the larger seed-to-seed std (never where either "
+                   "side has a single run).</p>"),
+                  shown_comparison(comparison).to_html(index=False, border=0, classes="table", float_format="%.4f")]
     parts.append("<h2>Figures</h2>")
     for caption, path in figures:
         parts.append(f'<figure><img src="{embedded_image(path)}" alt="{html.escape(caption)}">'
@@ -143,7 +159,7 @@ def write_report(results_dir: str, output: Path, compare_with: str | None = None
             raise UserError(f"no finished runs under {compare_with} to compare with")
         comparison = compare(other, runs)
         comparison.to_csv(output / "comparison.csv", index=False)
-        (output / "comparison.md").write_text(comparison.to_markdown(index=False, floatfmt=".4f") + "\n")
+        (output / "comparison.md").write_text(shown_comparison(comparison).to_markdown(index=False, floatfmt=".4f") + "\n")
     labelled = with_labels(metrics)
     figures = make_figures(configurations(labelled), run_tables(labelled, "kernel_usage"),
                            run_tables(labelled, "gate_usage"), output / "figures")

@@ -138,11 +138,12 @@ def git_commit() -> str | None:
     return f"{commit}{'+dirty' if dirty else ''}" if commit else None
 
 
-def environment(cfg: RunConfig, started: float, source: str) -> dict:
+def environment(cfg: RunConfig, started: float, scenario) -> dict:
     return {
         "seed": cfg.seed,
         "device": cfg.device,
-        "data_source": source,
+        "data_source": scenario.source,
+        "data_fingerprint": scenario.data_fingerprint,
         "command": sys.argv,
         "git_commit": git_commit(),
         "python": platform.python_version(),
@@ -159,8 +160,9 @@ def environment(cfg: RunConfig, started: float, source: str) -> dict:
 def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.ndarray],
               before_training: dict[str, np.ndarray], costs: dict, artifacts: dict[str, pd.DataFrame],
               started: float) -> None:
-    write_text(run_dir / "tasks.csv", "task,classes\n" + "".join(
-        f"{j + 1},\"{' '.join(map(str, classes))}\"\n" for j, classes in enumerate(scenario.task_classes)))
+    atomic_write(run_dir / "tasks.csv", lambda p: pd.DataFrame(
+        [(j + 1, c, scenario.class_names[c]) for j, classes in enumerate(scenario.task_classes) for c in classes],
+        columns=["task", "class", "name"]).to_csv(p, index=False))
     tables = []
     for key, matrix in matrices.items():
         atomic_write(run_dir / f"{key}_matrix.csv", lambda p, m=matrix: accuracy_table(m).to_csv(p, float_format="%.6f"))
@@ -176,8 +178,8 @@ def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.nd
         + [(name, last, None, costs[name]) for name in ("stored_examples", "nonfinite_loss_iterations", "parameters", "model_size_bytes")],
         columns=["metric", "step", "task", "value"]).astype({"task": "Int64"}))
     atomic_write(run_dir / "metrics.csv", lambda p: pd.concat(tables, ignore_index=True).to_csv(p, index=False))
-    write_text(run_dir / "environment.json", json.dumps(environment(cfg, started, scenario.source), indent=2))
-    title = f"{cfg.strategy} on {cfg.scenario}, {cfg.setting}-incremental, seed {cfg.seed}"
+    write_text(run_dir / "environment.json", json.dumps(environment(cfg, started, scenario), indent=2))
+    title = f"{cfg.strategy} on {cfg.scenario} (data {scenario.data_fingerprint}), {cfg.setting}-incremental, seed {cfg.seed}"
     atomic_write(run_dir / "accuracy_matrix.png", lambda p: plots.accuracy_heatmap(matrices["accuracy"], scenario.task_classes, title, p))
     atomic_write(run_dir / "task_accuracy.png", lambda p: plots.task_accuracy_curves(matrices["accuracy"], title, p))
     for name, frame in artifacts.items():
@@ -187,7 +189,18 @@ def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.nd
     write_text(run_dir / COMPLETED, time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
 
 
-RUN_KEYS = ["scenario", "setting", "strategy", "epochs", "hparams"]  # runs that differ only in the seed
+# Runs that differ only in their seed: alike in every field of the resolved configuration
+# that identifies a run, and in the data their scenario read (environment.json's data
+# fingerprint, "unknown" where an older run did not record it).
+RUN_KEYS = ["scenario", "data", "setting", "strategy"] + [
+    name for name in RunConfig.model_fields if name not in (*NOT_IDENTIFYING, "scenario", "setting", "strategy", "seed")]
+
+
+def key_text(value) -> str:
+    """A recorded configuration value as runs are grouped by it and tables show it."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+    return "none" if value is None else str(value)
 
 
 class DamagedRun(Exception):
@@ -196,11 +209,16 @@ class DamagedRun(Exception):
 
 def read_run(run_dir: Path) -> pd.DataFrame:
     """A finished run's metrics.csv with its keys, seed and folder; `DamagedRun` if its
-    configuration, metrics or accuracy matrix are missing or malformed."""
+    configuration (its scenario, setting, strategy and seed at least), metrics or accuracy
+    matrix are missing or malformed."""
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        keys = {key: cfg[key] for key in ("scenario", "setting", "strategy", "epochs", "seed")}
-        keys["hparams"] = ", ".join(f"{k}={v}" for k, v in sorted(cfg["hparams"].items()))
+        environment = run_dir / "environment.json"
+        data = json.loads(environment.read_text()).get("data_fingerprint") if environment.exists() else None
+        # A field added since an older run was recorded has the default it ran with (as in `run --config`).
+        recorded = {**RunConfig().model_dump(), **cfg}
+        keys = {key: key_text(recorded[key]) for key in RUN_KEYS if key != "data"}
+        keys.update({key: cfg[key] for key in ("scenario", "setting", "strategy", "seed")}, data=data or "unknown")
         table = pd.read_csv(run_dir / "metrics.csv")
         matrix = pd.read_csv(run_dir / "accuracy_matrix.csv", index_col="after_task").to_numpy(dtype=float)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, pd.errors.ParserError, pd.errors.EmptyDataError,
@@ -260,24 +278,28 @@ SUMMARY_METRICS = ("average_accuracy", "average_forgetting", "backward_transfer"
                    "stored_examples", "parameters", "model_size_bytes", "train_time_s", "nonfinite_loss_iterations")
 
 
-def varying_hparams(frame: pd.DataFrame) -> pd.Series:
-    """True where other rows of the same strategy have different hyperparameters."""
-    return frame.groupby("strategy").hparams.transform("nunique") > 1
+def varying(frame: pd.DataFrame, key: str) -> pd.Series:
+    """True where other rows of the same scenario, setting and strategy differ in `key`:
+    what tells them apart."""
+    return frame.groupby(["scenario", "setting", "strategy"])[key].transform("nunique") > 1
 
 
 def with_labels(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Adds each configuration's name in tables and figures: the strategy, with its
-    hyperparameters when other runs of the strategy use different ones."""
-    named = metrics.strategy + " (" + metrics.hparams + ")"
-    return metrics.assign(label=named.where(varying_hparams(metrics), metrics.strategy))
+    """Adds each configuration's name in figures: the strategy, with the keys in which
+    runs of it differ (the figures' titles name scenario, data and setting)."""
+    parts = [(metrics[key] if key == "hparams" else f"{key}=" + metrics[key]).where(varying(metrics, key), "")
+             for key in RUN_KEYS[4:]]
+    details = pd.concat(parts, axis=1).agg(lambda row: "; ".join(filter(None, row)), axis=1)
+    named = metrics.strategy + " (" + details + ")"
+    return metrics.assign(label=named.where(details != "", metrics.strategy))
 
 
 def run_tables(metrics: pd.DataFrame, name: str) -> pd.DataFrame:
     """A per-run table saved by a strategy (e.g. kernel_usage.csv) for every run of a
     labelled `load_metrics` table that has it, with the run's keys."""
     frames = [pd.read_csv(Path(row.run_dir) / f"{name}.csv").assign(
-                  run_dir=row.run_dir, strategy=row.strategy, scenario=row.scenario, setting=row.setting,
-                  label=row.label)
+                  run_dir=row.run_dir, strategy=row.strategy, scenario=row.scenario, data=row.data,
+                  setting=row.setting, label=row.label)
               for row in metrics.drop_duplicates("run_dir").itertuples()
               if (Path(row.run_dir) / f"{name}.csv").exists()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -285,10 +307,10 @@ def run_tables(metrics: pd.DataFrame, name: str) -> pd.DataFrame:
 
 def summarise_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and standard deviation over seeds of every configuration (runs that differ
-    only in their seed), with the number of seeds."""
+    only in their seed), with the number of runs."""
     present = [m for m in SUMMARY_METRICS if m in runs]
     grouped = runs.groupby(RUN_KEYS, sort=True)
     summary = grouped[present].agg(["mean", "std"])
     summary.columns = [f"{metric}_{stat}" for metric, stat in summary.columns]
-    summary.insert(0, "seeds", grouped.seed.nunique())
+    summary.insert(0, "runs", grouped.size())
     return summary.reset_index()

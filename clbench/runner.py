@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metrics import loss_metrics
@@ -27,7 +28,7 @@ from clbench.config import RunConfig
 from clbench.datasets.scenarios import Scenario, build_scenario, scenario_spec
 from clbench.errors import UserError
 from clbench.models import CountsExecutedMacs, ModelSpec, model_size_bytes, parameter_count
-from clbench.registry import Strategy, TrainingSetup, get_strategy
+from clbench.registry import OPTIMIZER_OPTIONS, Strategy, TrainingSetup, get_strategy
 
 # clbench evaluates with its own loop: without --tensorboard, Avalanche's evaluator has no logger.
 warnings.filterwarnings("ignore", message="No loggers specified")
@@ -68,6 +69,16 @@ def dense_macs(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> floa
     return counter.get_total_flops() / 2 / len(x)
 
 
+TASK_CONFUSION = "task_confusion"  # class setting: test samples of each task (rows) by the task of their predicted class
+
+
+def task_confusion_table(confusions: list[np.ndarray]) -> pd.DataFrame:
+    """task_confusion.csv: after each task, how many test samples of each task were given
+    a class of each task; where task inference errs, and towards which tasks."""
+    return pd.DataFrame([{"after_task": step + 1, "true_task": true + 1, "predicted_task": predicted + 1, "samples": int(count)}
+                         for step, matrix in enumerate(confusions) for (true, predicted), count in np.ndenumerate(matrix)])
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, scenario: Scenario, batch_size: int, device: str) -> dict[str, np.ndarray]:
     """Per test task: accuracy and executed MACs per sample. In the class setting also
@@ -78,12 +89,16 @@ def evaluate(model: torch.nn.Module, scenario: Scenario, batch_size: int, device
     other model the dense count applies."""
     model.eval()
     n_classes = scenario.n_classes
-    accuracy, task_aware, task_inference, macs = [], [], [], []
+    task_of_class = torch.zeros(n_classes, dtype=torch.long, device=device)
+    for task, classes in enumerate(scenario.task_classes):
+        task_of_class[classes] = task
+    accuracy, task_aware, task_inference, macs, confusion = [], [], [], [], []
     dense = None
     for experience, classes in zip(tqdm(scenario.benchmark.test_stream, desc="evaluate", leave=False, disable=None),
                                    scenario.task_classes):
         classes = torch.tensor(classes, device=device)
         correct = correct_task_aware = correct_task = seen = executed = 0
+        predicted_tasks = torch.zeros(scenario.n_tasks, dtype=torch.long, device=device)
         for x, y, t in DataLoader(experience.dataset.eval(), batch_size=batch_size):
             x, y, t = x.to(device), y.to(device), t.to(device)
             if isinstance(model, CountsExecutedMacs):
@@ -98,6 +113,7 @@ def evaluate(model: torch.nn.Module, scenario: Scenario, batch_size: int, device
             seen += len(y)
             if scenario.setting == "class":
                 correct_task += torch.isin(predicted, classes).sum().item()
+                predicted_tasks += torch.bincount(task_of_class[predicted], minlength=scenario.n_tasks)
                 # Some classifiers (iCaRL's nearest-mean) only score the classes seen so far.
                 logits = torch.nn.functional.pad(logits, (0, n_classes - logits.shape[1]), value=-torch.inf)
                 correct_task_aware += (classes[logits[:, classes].argmax(1)] == y).sum().item()
@@ -105,10 +121,12 @@ def evaluate(model: torch.nn.Module, scenario: Scenario, batch_size: int, device
         task_aware.append(correct_task_aware / seen)
         task_inference.append(correct_task / seen)
         macs.append(executed / seen)
+        confusion.append(predicted_tasks.cpu().numpy())
     out = {"accuracy": np.array(accuracy)}
     if scenario.setting == "class":
         out["task_aware_accuracy"] = np.array(task_aware)
         out["task_inference_accuracy"] = np.array(task_inference)
+        out[TASK_CONFUSION] = np.stack(confusion)
     out["executed_macs"] = np.array(macs)
     return out
 
@@ -159,17 +177,34 @@ def build_model(strategy: Strategy, spec: ModelSpec) -> torch.nn.Module:
                         "(not enough memory); choose a smaller --width") from None
 
 
+def unused_options(strategy_cls: type[Strategy], cfg: RunConfig) -> dict[str, str]:
+    """The run-level options this run does not use, each with why."""
+    unused = dict.fromkeys(strategy_cls.own_options, f"strategy {cfg.strategy!r} has its own (see `clbench list`)")
+    if cfg.optimizer == "adam":
+        unused.setdefault("momentum", "Adam has none")
+    return unused
+
+
 def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
     """The strategy, and the configuration with every default filled in (hyperparameters,
-    backbone): what is saved with the run and identifies it."""
+    backbone) and the options the run does not use set to null: what is saved with the
+    run and identifies it. Giving an option the run does not use is an error."""
     strategy_cls = get_strategy(cfg.strategy)
     if cfg.setting not in strategy_cls.settings:
         hint = strategy_cls.setting_hint.get(cfg.setting)
         raise UserError(f"strategy {cfg.strategy!r} supports only the {' and '.join(strategy_cls.settings)} "
                         f"setting; got setting {cfg.setting!r}" + (f": {hint}" if hint else ""))
+    unused = unused_options(strategy_cls, cfg)
+    if given := [name for name in unused if name in cfg.model_fields_set and getattr(cfg, name) is not None]:
+        them = "them" if len(given) > 1 else "it"
+        raise UserError(f"the run does not use {', '.join(given)}: {unused[given[0]]}; leave {them} out of the "
+                        f"command line, config file or sweep base (a sweep sets {them} in the grid entries of "
+                        f"strategies that use {them})")
+    if missing := [name for name in OPTIMIZER_OPTIONS if name not in unused and getattr(cfg, name) is None]:
+        raise UserError(f"{', '.join(missing)} must be set: strategy {cfg.strategy!r} trains with the run's optimiser")
     strategy = strategy_cls.from_hparams(cfg.hparams)
     check_device(cfg.device)
-    return strategy, cfg.model_copy(update={"hparams": strategy.hp.model_dump(),
+    return strategy, cfg.model_copy(update={"hparams": strategy.hp.model_dump(), **dict.fromkeys(unused),
                                             "backbone": cfg.backbone or scenario_spec(cfg.scenario).backbone})
 
 
@@ -228,9 +263,11 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
         checkpoints = checkpoints and checkpoint.save(folder, trainer, state)
 
     artifacts = trainer.artifacts() if hasattr(trainer, "artifacts") else {}
+    if cfg.setting == "class":
+        artifacts[TASK_CONFUSION] = task_confusion_table([row[TASK_CONFUSION] for row in after_each_task])
     results.write_run(
         folder, cfg, scenario,
-        matrices={key: np.stack([row[key] for row in after_each_task]) for key in before_training},
+        matrices={key: np.stack([row[key] for row in after_each_task]) for key in before_training if key != TASK_CONFUSION},
         before_training=before_training,
         costs={"train_time_s": train_times, "eval_time_s": eval_times,
                "stored_examples": strategy.stored_examples(scenario),

@@ -1,7 +1,8 @@
 """`clbench sweep FILE`: many runs from one YAML file, on a pool of worker processes.
 
 A sweep file has `base`, options shared by every run (any key of `clbench run`'s config,
-`hparams` included), and `grid`, one mapping or a list of them: in each, a list value is
+`hparams` included, and `config`, a run config file such as a protocol preset whose
+options come first), and `grid`, one mapping or a list of them: in each, a list value is
 swept over, and every combination is one run. For example
 
     base: {scenario: split_mnist, data_root: ../shared/data, results_dir: results/split_mnist}
@@ -30,12 +31,11 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from clbench import results
-from clbench.config import RunConfig, read_yaml
-from clbench.errors import UserError, describe_validation_error
+from clbench.config import RunConfig, read_yaml, resolve_config
+from clbench.errors import UserError
 
 SWEEP_KEYS = {"base", "grid"}
 LOG = "run.log"
@@ -46,7 +46,7 @@ ERROR = "error.txt"
 class PlannedRun:
     id: str
     cfg: RunConfig  # resolved
-    status: str  # done, partial (a folder without COMPLETED) or missing
+    status: str  # see `status`
 
     @property
     def run_dir(self) -> Path:
@@ -88,14 +88,16 @@ def expand(sweep: dict) -> list[RunConfig]:
     grid = sweep["grid"] if isinstance(sweep["grid"], list) else [sweep["grid"]]
     if not isinstance(base, dict) or not all(isinstance(entry, dict) for entry in grid):
         raise UserError("a sweep's base and each entry of its grid must be mappings of option: value")
+    base = dict(base)
+    preset = base.pop("config", None)
     configs = []
     for entry in grid:
         for combination in combinations(entry):
             merged = {**base, **combination, "hparams": {**(base.get("hparams") or {}), **combination["hparams"]}}
             try:
-                configs.append(RunConfig(**merged))
-            except ValidationError as error:
-                raise UserError(f"invalid run in the sweep ({merged}): {describe_validation_error(error)}") from None
+                configs.append(resolve_config(preset, merged))
+            except UserError as error:
+                raise UserError(f"invalid run in the sweep ({merged}): {error}") from None
     return configs
 
 
@@ -110,8 +112,16 @@ def plan(path: str | Path) -> list[PlannedRun]:
         if folders.setdefault(run_dir, cfg) != cfg:
             raise UserError(f"two runs of the sweep would write the same folder {run_dir}: give them different "
                             "results_dir values")
-    return [PlannedRun(run_id(cfg), cfg, "done" if results.finished_run(cfg) else
-                       "partial" if run_dir.exists() else "missing") for run_dir, cfg in folders.items()]
+    return [PlannedRun(run_id(cfg), cfg, status(cfg)) for cfg in folders.values()]
+
+
+def status(cfg: RunConfig) -> str:
+    """done; other (its folder holds a finished run of another configuration); partial (a
+    folder without COMPLETED); or missing."""
+    run_dir = results.run_dir_of(cfg)
+    if (run_dir / results.COMPLETED).exists():
+        return "other" if results.differing_fields(run_dir, cfg) else "done"
+    return "partial" if run_dir.exists() else "missing"
 
 
 def available_cores() -> int:
@@ -186,7 +196,13 @@ def run_sweep(planned: list[PlannedRun], workers: int, executor: str = "local",
               address: str | None = None) -> list[tuple[PlannedRun, str]]:
     """Run every planned run not done yet, `workers` at a time on local processes or as
     Ray tasks; returns the failures. Each run gets cores // workers threads, however few
-    runs remain, so that a resumed sweep computes exactly as an uninterrupted one."""
+    runs remain, so that a resumed sweep computes exactly as an uninterrupted one. Nothing
+    runs where a run's folder holds a finished run of another configuration."""
+    if other := [run for run in planned if run.status == "other"]:
+        differing = ", ".join(results.differing_fields(other[0].run_dir, other[0].cfg))
+        raise UserError(f"{len(other)} run folders hold a finished run of another configuration (first: "
+                        f"{other[0].run_dir}, differing: {differing}); remove them or give the sweep another "
+                        "results_dir (--dry-run lists them)")
     todo = [run for run in planned if run.status != "done"]
     threads = max(1, available_cores() // workers)
     workers = min(workers, len(todo))

@@ -36,10 +36,11 @@ def cache_root() -> Path:
 
 class ImageArrayDataset(Dataset):
     """Images in memory (N x C x H x W: decoded uint8, or already normalised floats);
-    `targets` is what Avalanche reads."""
+    `targets` is what Avalanche reads; `classes`, the class names by id, where they are
+    more than the ids."""
 
-    def __init__(self, images: torch.Tensor, targets):
-        self.images = images
+    def __init__(self, images: torch.Tensor, targets, classes: list[str] | None = None):
+        self.images, self.classes = images, classes
         self.targets = torch.as_tensor(targets, dtype=torch.long).tolist()
 
     def __len__(self) -> int:
@@ -52,8 +53,8 @@ class ImageArrayDataset(Dataset):
 class ImageFileDataset(Dataset):
     """Image files decoded on every access (what the cache avoids)."""
 
-    def __init__(self, paths: list[Path], targets, size: int):
-        self.paths, self.size = paths, size
+    def __init__(self, paths: list[Path], targets, size: int, classes: list[str]):
+        self.paths, self.size, self.classes = paths, size, classes
         self.targets = torch.as_tensor(targets, dtype=torch.long).tolist()
 
     def __len__(self) -> int:
@@ -102,9 +103,10 @@ def decoded_images(paths: list[Path], size: int, cache: bool) -> torch.Tensor | 
     return torch.from_numpy(array)
 
 
-def image_dataset(paths: list[Path], targets, size: int, cache: bool) -> Dataset:
+def image_dataset(paths: list[Path], targets, size: int, cache: bool, classes: list[str]) -> Dataset:
     images = decoded_images(paths, size, cache)
-    return ImageArrayDataset(images, targets) if images is not None else ImageFileDataset(paths, targets, size)
+    return (ImageArrayDataset(images, targets, classes) if images is not None
+            else ImageFileDataset(paths, targets, size, classes))
 
 
 def unpacked(archive: Path) -> Path:

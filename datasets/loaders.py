@@ -1,5 +1,6 @@
 """Loaders: each reads one dataset from a data root into (train, test, source), where
-train and test are datasets with a `targets` list and `source` says what was read.
+train and test are datasets with a `targets` list (and `classes`, the class names by id,
+where they are more than the ids) and `source` says what was read.
 
 Downloads happen only where the network is reachable; torchvision's checksums are kept
 where it has them. Missing or corrupt data is a one-line `UserError` naming the expected
@@ -109,8 +110,8 @@ def load_cifar10(root: Path, _cache: bool) -> tuple[Dataset, Dataset, str]:
         f"unpack {CIFAR10.url} into {root}",
         lambda train, download: CIFAR10(str(root), train=train, download=download))
     as_tensor = lambda data: torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()  # noqa: E731
-    return (ImageArrayDataset(as_tensor(train.data), train.targets),
-            ImageArrayDataset(as_tensor(test.data), test.targets), f"CIFAR-10, official pickles ({folder})")
+    return (ImageArrayDataset(as_tensor(train.data), train.targets, train.classes),
+            ImageArrayDataset(as_tensor(test.data), test.targets, test.classes), f"CIFAR-10, official pickles ({folder})")
 
 
 def folder_or_archive(root: Path, folder: str, archive: str) -> Path | None:
@@ -145,7 +146,7 @@ def class_datasets(tree: dict[str, dict[str, list[Path]]], classes: list[str], s
     for split in ("train", "test"):
         paths = [path for name in classes for path in tree[split][name]]
         targets = [index for index, name in enumerate(classes) for _ in tree[split][name]]
-        datasets.append(image_dataset(paths, targets, size, cache))
+        datasets.append(image_dataset(paths, targets, size, cache, classes))
     return datasets
 
 

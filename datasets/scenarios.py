@@ -8,12 +8,15 @@ one head over all classes). The datasets are read by `clbench.datasets.loaders`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
 from avalanche.benchmarks import nc_benchmark
-from clbench.datasets.images import transforms
+from clbench.datasets.images import ImageArrayDataset, transforms
 from clbench.datasets.loaders import (
     default_data_root,
     load_cifar10,
@@ -54,6 +57,8 @@ class Scenario(TaskClasses):
     benchmark: object  # Avalanche NCScenario
     task_classes: list[list[int]]  # original class ids of each task
     source: str
+    class_names: list[str]  # by class id
+    data_fingerprint: str  # see `fingerprint`
 
     @property
     def train_sizes(self) -> list[int]:
@@ -111,6 +116,19 @@ def scenario_spec(name: str) -> ScenarioSpec:
     return SCENARIOS[name]
 
 
+def fingerprint(splits: tuple[Dataset, ...]) -> str:
+    """12 hex digits of a SHA-256 of the splits' labels and images as loaded (before any
+    transform, whether cached or not): the same scenario on other data (another image
+    folder, ImageNet-50 from another source) gets another fingerprint."""
+    digest = hashlib.sha256()
+    for split in splits:
+        digest.update(np.asarray(split.targets, dtype=np.int64).tobytes())
+        images = [split.images] if isinstance(split, ImageArrayDataset) else (image for image, _ in split)
+        for array in images:
+            digest.update(torch.as_tensor(array).contiguous().numpy())
+    return digest.hexdigest()[:12]
+
+
 def build_scenario(name: str, setting: str, data_root: Path | None = None, seed: int = 0,
                    shuffle_classes: bool = False, classes_per_task: int | None = None, cache: bool = True) -> Scenario:
     """Split `name` into tasks for `setting`; classes in id order unless `shuffle_classes`
@@ -131,4 +149,6 @@ def build_scenario(name: str, setting: str, data_root: Path | None = None, seed:
         shuffle=shuffle_classes, seed=seed, class_ids_from_zero_in_each_exp=task_aware,
         train_transform=train_transform, eval_transform=eval_transform,
     )
-    return Scenario(spec, setting, benchmark, [list(c) for c in benchmark.original_classes_in_exp], source)
+    names = getattr(train, "classes", None) or [str(c) for c in range(n_classes)]
+    return Scenario(spec, setting, benchmark, [list(c) for c in benchmark.original_classes_in_exp], source, names,
+                    fingerprint((train, test)))

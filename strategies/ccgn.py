@@ -1,4 +1,5 @@
 from functools import partial
+from typing import Literal
 
 import pandas as pd
 import torch
@@ -8,7 +9,7 @@ from torch.utils.data import DataLoader
 from clbench.gates import GatedLayer
 from clbench.path_network import build_path_model
 from clbench.path_training import TaskClassifierHparams, TaskPathTraining, memory_after_last_task
-from clbench.registry import Strategy, register
+from clbench.registry import OPTIMIZER_OPTIONS, Strategy, register
 
 
 @register
@@ -36,9 +37,11 @@ class CCGN(Strategy):
     """
 
     name = "ccgn"
+    own_options = OPTIMIZER_OPTIONS
 
     class Hparams(TaskClassifierHparams):
         sparsity: float = Field(0.1, ge=0, description="lambda_s: weight of the mean gate activation in the loss")
+        optimizer: Literal["adam"] = Field("adam", description="ccgn's own optimiser")
         lr: float = Field(1e-3, gt=0, description="Adam learning rate (ccgn's own; the run's optimizer is not used)")
         temperature: float = Field(2 / 3, gt=0, description="Gumbel-sigmoid relaxation temperature (backward pass)")
         firing_threshold: float = Field(0.0, ge=0, lt=1, description="kernels firing more often than this are frozen")

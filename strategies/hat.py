@@ -1,4 +1,5 @@
 from functools import partial
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -6,7 +7,7 @@ from pydantic import Field
 from clbench.attention import AttentionLayer, attention_regulariser, compensate_embedding_gradient
 from clbench.path_network import build_path_model
 from clbench.path_training import TaskPathTraining
-from clbench.registry import Hyperparameters, Strategy, register
+from clbench.registry import OPTIMIZER_OPTIONS, Hyperparameters, Strategy, register
 
 
 class HATHparams(Hyperparameters):
@@ -16,6 +17,7 @@ class HATHparams(Hyperparameters):
     c: float = Field(0.75, ge=0, description="weight of the attention regulariser")
     clamp: float = Field(6.0, gt=0, description="embeddings are clamped to [-clamp, clamp] after each step")
     cosh_clamp: float = Field(50.0, gt=0, description="s*e is clamped to this in the gradient compensation")
+    optimizer: Literal["sgd"] = Field("sgd", description="HAT's own optimiser")
     lr: float = Field(0.05, gt=0, description="SGD learning rate (HAT's own; the run's --lr is not used)")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum (HAT's own; the run's --momentum is not used)")
     clipgrad: float = Field(10000.0, gt=0, description="gradient-norm clipping")
@@ -43,6 +45,7 @@ class HAT(Strategy):
     setting_hint = {"class": "HAT chooses its masks by the task label, which the class setting withholds; "
                              "use hat_tc (HAT with ccgn's task classifier)"}
     Hparams = HATHparams
+    own_options = OPTIMIZER_OPTIONS
 
     def make_model(self, spec):
         return build_path_model(spec, partial(AttentionLayer, n_tasks=spec.n_tasks, s_max=self.hp.s_max))

@@ -1,3 +1,5 @@
+from typing import Literal
+
 from avalanche.training import ICaRL as AvalancheICaRL
 from pydantic import Field
 
@@ -13,6 +15,9 @@ class ICaRL(Strategy):
     settings = ("class",)
 
     class Hparams(Hyperparameters):
+        loss: Literal["icarl_bce"] = Field(
+            "icarl_bce", description="iCaRL's own: binary cross-entropy on sigmoid outputs, the previous model's "
+                                     "outputs as old classes' targets")
         memory_size: int = Field(500, gt=0, description="exemplars stored in total")
         fixed_memory: bool = Field(True, description="True: memory_size shared by all classes; False: per class")
 

@@ -80,7 +80,8 @@ def test_sparsity_weight_lowers_gate_usage(tiny_scenario):
     assert usage(10.0) < usage(0.0) - 0.1
 
 
-def test_task_classifier_learns(tiny_scenario):
+@pytest.mark.parametrize("classifier_training", ["after", "during"])
+def test_task_classifier_learns(classifier_training, tiny_scenario):
     accuracy = []
 
     def task_accuracy(strategy, scenario, task):
@@ -95,7 +96,7 @@ def test_task_classifier_learns(tiny_scenario):
                     seen += len(x)
         accuracy.append(correct / seen)
 
-    train(tiny_scenario, "class", 3, after_task=task_accuracy)
+    train(tiny_scenario, "class", 3, after_task=task_accuracy, classifier_training=classifier_training)
     assert accuracy[0] == 1.0  # one task learned: nothing to confuse
     assert accuracy[2] > 0.5  # three tasks: chance is 1/3
 

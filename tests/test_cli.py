@@ -19,7 +19,9 @@ def test_quickstart_run_writes_a_complete_results_folder(tmp_path):
                  "--results-dir", str(tmp_path)]) == 0
     run_dir = tmp_path / "split_mnist_mini" / "class" / "naive" / "seed0"
     expected = {"config.yaml", "tasks.csv", "accuracy_matrix.csv", "task_aware_accuracy_matrix.csv",
-                "task_inference_accuracy_matrix.csv", "executed_macs_matrix.csv", "metrics.csv", "environment.json", "accuracy_matrix.png", "task_accuracy.png", "COMPLETED"}
+                "task_inference_accuracy_matrix.csv", "executed_macs_matrix.csv", "task_confusion.csv",
+                "task_confusion.png", "metrics.csv", "environment.json", "accuracy_matrix.png", "task_accuracy.png",
+                "COMPLETED"}
     assert expected == {p.name for p in run_dir.iterdir()}
     matrix = pd.read_csv(run_dir / "accuracy_matrix.csv")
     assert list(matrix.columns) == ["after_task"] + [f"task_{j}" for j in range(1, 6)]
@@ -72,6 +74,22 @@ def test_config_file_with_command_line_overrides(tiny_scenario, tmp_path):
     assert saved["hparams"] == {"ewc_lambda": 7.0, "mode": "separate", "decay_factor": 0.9}
 
 
+def test_a_strategy_with_its_own_optimiser_refuses_the_runs_and_records_its_own(tiny_scenario, tmp_path, capsys):
+    args = ["run", "--scenario", tiny_scenario, "--strategy", "ccgn", "--results-dir", str(tmp_path)]
+    assert main(args + ["--lr", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "the run does not use lr: strategy 'ccgn' has its own" in err and "\n" not in err
+    assert main(args) == 0
+    config = tmp_path / tiny_scenario / "task" / "ccgn" / "seed0" / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    assert [saved[key] for key in ("optimizer", "lr", "momentum")] == [None, None, None]
+    assert (saved["hparams"]["optimizer"], saved["hparams"]["lr"]) == ("adam", load_strategies()["ccgn"].Hparams().lr)
+    # The saved configuration still repeats the run.
+    capsys.readouterr()
+    assert main(["run", "--config", str(config)]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
 def test_same_seed_same_accuracy_matrix(tiny_scenario, tmp_path):
     for name in ("a", "b"):
         assert main(["run", "--scenario", tiny_scenario, "--strategy", "lwf", "--seed", "1",
@@ -98,6 +116,8 @@ def test_list_shows_strategies_settings_hyperparameters_and_scenarios(capsys):
     (["--strategy", "ewc", "--hp", "mode=sometimes"], "mode: Input should be 'separate' or 'online'"),
     (["--strategy", "icarl", "--setting", "task"], "supports only the class setting"),
     (["--lr", "0"], "lr: Input should be greater than 0"),
+    (["--optimizer", "adam", "--momentum", "0.5"], "the run does not use momentum: Adam has none"),
+    (["--strategy", "hat", "--optimizer", "sgd"], "the run does not use optimizer: strategy 'hat' has its own"),
     (["--backbone", "resnet1000"], "unknown backbone 'resnet1000'"),
     (["--hp", "no-equals-sign"], "--hp expects KEY=VALUE"),
     (["--device", "bogus"], "unknown device 'bogus'"),

@@ -6,6 +6,7 @@ import pickle
 import tarfile
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from clbench.datasets.images import decoded_images
@@ -186,6 +187,14 @@ def test_cached_and_decoded_images_are_identical(tmp_path):
     assert all(torch.equal(a[i][0], b[i][0]) for i in range(len(a)))
 
 
+def test_the_data_fingerprint_names_the_images_whether_cached_or_not(tmp_path):
+    root = write_folder(tmp_path / "folder")
+    cached, lazy = (build_scenario("image_folder", "class", root, cache=c) for c in (True, False))
+    other = build_scenario("image_folder", "class", write_folder(tmp_path / "other"))
+    assert cached.data_fingerprint == lazy.data_fingerprint != other.data_fingerprint
+    assert cached.class_names == lazy.class_names == [f"class{c}" for c in range(6)]
+
+
 def test_decoded_images_are_contiguous_whether_fresh_or_from_the_cache(tmp_path):
     paths = sorted((write_folder(tmp_path / "folder") / "train").rglob("*.JPEG"))
     fresh, cached = decoded_images(paths, 32, True), decoded_images(paths, 32, True)
@@ -207,6 +216,8 @@ def test_image_folder_run_end_to_end(tmp_path):
     run_dir = tmp_path / "runs" / "image_folder" / "class" / "naive" / "seed0"
     assert (run_dir / "COMPLETED").exists()
     assert "backbone: small_cnn" in (run_dir / "config.yaml").read_text()
+    tasks = pd.read_csv(run_dir / "tasks.csv")
+    assert tasks.values.tolist() == [[1, 0, "class0"], [1, 1, "class1"], [2, 2, "class2"], [2, 3, "class3"]]
 
 
 def test_missing_image_folder_is_an_error(tmp_path, capsys):

@@ -8,6 +8,7 @@ import pytest
 
 from clbench.cli import main
 from clbench.config import RunConfig
+from clbench.plots import Palette
 from clbench.report import compare
 from clbench.results import load_finished_runs
 from clbench.runner import run
@@ -38,7 +39,7 @@ def report_dir(tmp_path_factory, tiny_scenario_module):
 def test_report_writes_tables_and_every_figure(report_dir):
     summary = pd.read_csv(report_dir / "summary.csv")
     assert sorted(summary.strategy) == ["ccgn", "hat", "naive"]
-    assert summary.set_index("strategy").seeds.to_dict() == {"ccgn": 1, "hat": 1, "naive": 2}
+    assert summary.set_index("strategy").runs.to_dict() == {"ccgn": 1, "hat": 1, "naive": 2}
     assert "±" in summary.set_index("strategy").loc["naive", "accuracy"]
     assert r"\pm" in (report_dir / "summary.tex").read_text()
     for name in FIGURES:
@@ -63,6 +64,21 @@ def test_comparison_flags_differences_beyond_the_seed_spread(tmp_path):
     assert rows.loc["average_accuracy", "spread"] == pytest.approx(0.1414214)
     assert rows.loc["average_accuracy", "exceeds_spread"]
     assert not rows.loc["train_time_s", "exceeds_spread"]  # 3.0 s in both
+
+
+def test_a_single_run_on_either_side_of_a_comparison_flags_nothing(tmp_path):
+    fabricate_run(tmp_path / "one", "a", 0, 0.5)
+    for seed, accuracy in ((0, 0.90), (1, 0.92)):
+        fabricate_run(tmp_path / "two", "a", seed, accuracy)
+    one, _ = load_finished_runs(tmp_path / "one")
+    two, _ = load_finished_runs(tmp_path / "two")
+    for a, b in ((one, two), (two, one)):
+        rows = compare(a, b)
+        assert rows.spread.isna().all() and rows.exceeds_spread.isna().all()
+
+
+def test_a_strategy_keeps_its_style_whatever_else_a_report_shows():
+    assert Palette(["naive"])("naive") == Palette(["ewc", "hat", "naive", "unregistered"])("naive")
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),

@@ -1,3 +1,5 @@
+import json
+
 import pandas as pd
 import pytest
 import yaml
@@ -33,12 +35,16 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def fabricate_run(root, strategy, seed, accuracy, hparams=None, finished=True):
+def fabricate_run(root, strategy, seed, accuracy, hparams=None, finished=True, data=None, **config):
+    """A run folder as an older clbench wrote it: a few configuration fields (the others
+    then have their defaults), and no data fingerprint unless `data`."""
     run_dir = root / "s" / "task" / strategy / f"seed{seed}"
     run_dir.mkdir(parents=True)
     config = {"scenario": "s", "setting": "task", "strategy": strategy, "seed": seed, "epochs": 1,
-              "hparams": hparams or {}}
+              "hparams": hparams or {}, **config}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    if data:
+        (run_dir / "environment.json").write_text(json.dumps({"data_fingerprint": data}))
     pd.DataFrame({"after_task": [1, 2], "task_1": [accuracy, accuracy], "task_2": [0.0, accuracy]}).to_csv(
         run_dir / "accuracy_matrix.csv", index=False)
     pd.DataFrame({"metric": ["average_accuracy", "accuracy", "train_time_s"], "step": [2, 2, 2],
@@ -56,17 +62,36 @@ def test_summary_is_mean_and_std_over_seeds_of_each_configuration(tmp_path):
     runs, unfinished = results.load_finished_runs(tmp_path)
     assert len(unfinished) == 1
     summary = results.summarise_runs(runs).set_index(["strategy", "hparams"])
-    assert summary.loc[("a", ""), "seeds"] == 2
+    assert summary.loc[("a", ""), "runs"] == 2
     assert summary.loc[("a", ""), "average_accuracy_mean"] == pytest.approx(0.6)
     assert summary.loc[("a", ""), "average_accuracy_std"] == pytest.approx(0.1414214)
     assert summary.loc[("a", ""), "train_time_s_mean"] == pytest.approx(3.0)
     assert summary.loc[("a", "lam=2"), "average_accuracy_mean"] == pytest.approx(0.9)
-    assert summary.loc[("b", ""), "seeds"] == 1
+    assert summary.loc[("b", ""), "runs"] == 1
     # The table shows each configuration once, hyperparameters where they differ.
     assert main(["table", str(tmp_path), "--output", str(tmp_path / "table.md")]) == 0
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert any("| a " in line and "0.600 ± 0.141" in line for line in lines)
     assert any("lam=2" in line and "0.900" in line for line in lines)
+
+
+@pytest.mark.parametrize("key,value", [("width", 64), ("lr", 0.1), ("data", "0123456789ab")])
+def test_runs_that_differ_in_any_key_but_the_seed_are_reported_apart(key, value, tmp_path, capsys):
+    fabricate_run(tmp_path, "a", 0, 0.5)
+    fabricate_run(tmp_path, "a", 1, 0.7)
+    fabricate_run(tmp_path / "other", "a", 0, 0.9, **{key: value})
+    assert main(["table", str(tmp_path)]) == 0
+    header, _, *rows = capsys.readouterr().out.splitlines()
+    assert f"| {key} " in header and len(rows) == 2
+    assert any("0.600 ± 0.141" in row for row in rows)
+    assert any(f"| {value} " in row and "0.900" in row for row in rows)
+
+
+def test_runs_are_counted_not_their_distinct_seeds(tmp_path):
+    fabricate_run(tmp_path / "here", "a", 0, 0.5)
+    fabricate_run(tmp_path / "there", "a", 0, 0.7)
+    runs, _ = results.load_finished_runs(tmp_path)
+    assert results.summarise_runs(runs).runs.tolist() == [2]
 
 
 def test_a_diverged_run_reports_its_non_finite_losses(tiny_scenario, tmp_path):
@@ -106,3 +131,15 @@ def test_stored_examples_are_what_is_stored_not_the_cap(strategy, hparams, tiny_
                             results_dir=str(tmp_path))).run_dir
     table = pd.read_csv(run_dir / "metrics.csv").set_index("metric")
     assert table.loc["stored_examples", "value"] == 1000  # the tiny scenario's whole training set
+
+
+def test_task_confusion_counts_each_test_sample_once_by_the_task_of_its_predicted_class(tiny_scenario, tmp_path):
+    run_dir = run(RunConfig(scenario=tiny_scenario, setting="class", results_dir=str(tmp_path))).run_dir
+    confusion = pd.read_csv(run_dir / "task_confusion.csv")
+    per_task = confusion.groupby(["after_task", "true_task"]).samples.sum()
+    assert len(per_task) == 25 and (per_task == 40).all()  # 20 test images of each of a task's 2 classes
+    right_task = confusion[confusion.true_task == confusion.predicted_task]
+    inference = pd.read_csv(run_dir / "task_inference_accuracy_matrix.csv", index_col="after_task")
+    assert right_task.pivot(index="after_task", columns="true_task", values="samples").to_numpy() / 40 == \
+        pytest.approx(inference.to_numpy(), abs=1e-6)
+    assert (confusion[confusion.true_task != confusion.predicted_task].samples > 0).any()  # naive forgets

@@ -53,6 +53,7 @@ def test_run_ids_name_the_configuration_not_where_it_is_written():
     ({"grid": {"strategy": ["naive", "nope"]}}, "unknown strategy 'nope'"),
     ({"grid": {"strategy": "ewc", "hparams": {"ewc_lambda": [1, 2]}}}, "would write the same folder"),
     ({"grid": {"lr": "inf"}}, "lr: Input should be a finite number"),
+    ({"base": {"lr": 0.1}, "grid": {"strategy": ["naive", "ccgn"]}}, "does not use lr: strategy 'ccgn' has its own"),
 ])
 def test_a_bad_sweep_file_is_one_line_and_exit_code_2_before_anything_runs(sweep, message, tmp_path, capsys):
     sweep = {**sweep, "base": {**sweep.get("base", {}), "results_dir": str(tmp_path / "runs")}}
@@ -63,12 +64,26 @@ def test_a_bad_sweep_file_is_one_line_and_exit_code_2_before_anything_runs(sweep
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_folder_holding_another_configurations_run_is_listed_and_nothing_runs(tmp_path, capsys):
+    sweep = write_sweep(tmp_path / "sweep.yaml", tmp_path / "out", [{"strategy": "naive"}])
+    [planned] = plan(sweep)
+    planned.run_dir.mkdir(parents=True)
+    (planned.run_dir / "config.yaml").write_text(yaml.safe_dump({**planned.cfg.model_dump(), "epochs": 2}))
+    (planned.run_dir / "COMPLETED").write_text("")
+    assert main(["sweep", sweep, "--dry-run"]) == 0
+    assert "1 runs: 0 done, 1 other, 0 partial, 0 missing" in capsys.readouterr().out
+    assert main(["sweep", sweep]) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "differing: epochs" in err
+    assert sorted(p.name for p in planned.run_dir.iterdir()) == ["COMPLETED", "config.yaml"]
+
+
 def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path, capsys):
     sweep = write_sweep(tmp_path / "sweep.yaml", tmp_path / "out", [
         {"strategy": "naive"},
         {"scenario": "image_folder", "data_root": str(tmp_path / "missing"), "strategy": "naive"}])
     assert main(["sweep", sweep, "--dry-run"]) == 0
-    assert "2 runs: 0 done, 0 partial, 2 missing" in capsys.readouterr().out
+    assert "2 runs: 0 done, 0 other, 0 partial, 2 missing" in capsys.readouterr().out
     assert main(["sweep", sweep, "--workers", "2"]) == 1
     out, err = capsys.readouterr()
     assert "1 of 2 runs done, 1 failed" in out and "image folder" in err
