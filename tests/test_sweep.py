@@ -38,6 +38,17 @@ def test_grid_entries_expand_into_every_combination_in_file_order():
     assert configs[0].hparams == {"mode": "separate"}
 
 
+def test_a_preset_named_in_base_comes_first_and_base_and_grid_override_it(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("epochs: 3\nbatch_size: 64\nwidth: 8\nhparams: {mode: separate, ewc_lambda: 5}\n")
+    configs = expand({"base": {"config": str(preset), "width": 16, "hparams": {"ewc_lambda": 7}},
+                      "grid": [{"strategy": "ewc", "batch_size": [32, 64]}]})
+    assert [(c.epochs, c.batch_size, c.width) for c in configs] == [(3, 32, 16), (3, 64, 16)]
+    assert configs[0].hparams == {"mode": "separate", "ewc_lambda": 7}
+    paper = Path(__file__).parents[1] / "configs" / "paper" / "split_mnist.yaml"
+    assert expand({"base": {"config": str(paper)}, "grid": {"strategy": "ccgn"}})[0].epochs == 3
+
+
 def test_run_ids_name_the_configuration_not_where_it_is_written():
     a = RunConfig(strategy="ewc", hparams={"ewc_lambda": 1.0})
     elsewhere = {"results_dir": "elsewhere", "data_root": "/data", "device": "cuda"}

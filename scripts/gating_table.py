@@ -1,0 +1,41 @@
+"""Capacity left for later tasks by ccgn's gating (issue 14, point 3): one row per run
+under a results folder (sweeps/ablations/ccgn_gating.yaml), with the final accuracy on
+the first and the last task, executed MACs as a share of the dense network's, and the
+share of each layer's kernels still free for the last task (`free <layer>`).
+
+    python scripts/gating_table.py results/ablations/ccgn_gating --dense-macs 2233000
+"""
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+
+def row(run_dir: Path, dense_macs: float) -> dict:
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    accuracy = pd.read_csv(run_dir / "accuracy_matrix.csv", index_col="after_task").to_numpy()
+    macs = pd.read_csv(run_dir / "executed_macs_matrix.csv", index_col="after_task").to_numpy()
+    usage = pd.read_csv(run_dir / "kernel_usage.csv")
+    free = usage[usage.after_task == len(accuracy) - 1].set_index("layer").free
+    return {"epochs": cfg["epochs"], "sparsity": cfg["hparams"]["sparsity"],
+            "firing threshold": cfg["hparams"]["firing_threshold"], "seed": cfg["seed"],
+            "accuracy": accuracy[-1].mean(), "task 1": accuracy[-1, 0], f"task {len(accuracy)}": accuracy[-1, -1],
+            "MACs after task 1 / dense": macs[0, 0] / dense_macs,
+            f"MACs after task {len(accuracy)} / dense": macs[-1].mean() / dense_macs,
+            **{f"free {layer}": share for layer, share in free.items()}}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results_dir")
+    parser.add_argument("--dense-macs", type=float, required=True, help="MACs per sample of the dense network")
+    args = parser.parse_args()
+    runs = sorted(path.parent for path in Path(args.results_dir).rglob("COMPLETED"))
+    table = pd.DataFrame([row(run, args.dense_macs) for run in runs])
+    print(table.sort_values(["epochs", "sparsity", "firing threshold", "seed"]).round(3).to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
