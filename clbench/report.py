@@ -15,12 +15,12 @@ from clbench.errors import UserError
 from clbench.plots import make_figures
 from clbench.results import (
     RUN_KEYS,
+    distinguishing,
     final_metrics,
     load_finished_runs,
     load_metrics,
     run_tables,
     summarise_runs,
-    varying,
     with_labels,
 )
 
@@ -55,8 +55,8 @@ def key_columns(frame: pd.DataFrame) -> pd.DataFrame:
     differ (blank where they do not)."""
     shown = frame[["scenario", "setting", "strategy"]].copy()
     for key in RUN_KEYS:
-        if key not in shown and (differs := varying(frame, key)).any():
-            shown[key] = frame[key].where(differs, "")
+        if key not in shown and (text := distinguishing(frame, key)).ne("").any():
+            shown[key] = text
     return shown
 
 

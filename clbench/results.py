@@ -284,11 +284,27 @@ def varying(frame: pd.DataFrame, key: str) -> pd.Series:
     return frame.groupby(["scenario", "setting", "strategy"])[key].transform("nunique") > 1
 
 
+def distinguishing(frame: pd.DataFrame, key: str) -> pd.Series:
+    """What tells each row apart from other rows of its scenario, setting and strategy in
+    `key`: its value where they differ in it, blank where not; for `hparams` only the
+    hyperparameters that differ, as 'name=value, ...'."""
+    if key != "hparams":
+        return frame[key].where(varying(frame, key), "")
+    parsed = frame.hparams.map(lambda text: dict(item.split("=", 1) for item in text.split(", ")) if text else {})
+    shown = pd.Series("", index=frame.index)
+    for _, group in frame.groupby(["scenario", "setting", "strategy"]):
+        values = parsed[group.index]
+        names = sorted({name for hparams in values for name in hparams})
+        differ = [name for name in names if len({hparams.get(name) for hparams in values}) > 1]
+        shown[group.index] = [", ".join(f"{name}={hparams.get(name)}" for name in differ) for hparams in values]
+    return shown
+
+
 def with_labels(metrics: pd.DataFrame) -> pd.DataFrame:
     """Adds each configuration's name in figures: the strategy, with the keys in which
     runs of it differ (the figures' titles name scenario, data and setting)."""
-    parts = [(metrics[key] if key == "hparams" else f"{key}=" + metrics[key]).where(varying(metrics, key), "")
-             for key in RUN_KEYS[4:]]
+    parts = [(text if key == "hparams" else (f"{key}=" + text).where(text != "", ""))
+             for key in RUN_KEYS[4:] for text in [distinguishing(metrics, key)]]
     details = pd.concat(parts, axis=1).agg(lambda row: "; ".join(filter(None, row)), axis=1)
     named = metrics.strategy + " (" + details + ")"
     return metrics.assign(label=named.where(details != "", metrics.strategy))

@@ -75,6 +75,15 @@ def test_summary_is_mean_and_std_over_seeds_of_each_configuration(tmp_path):
     assert any("lam=2" in line and "0.900" in line for line in lines)
 
 
+def test_the_table_shows_only_the_hyperparameters_that_differ(tmp_path, capsys):
+    fabricate_run(tmp_path / "x", "a", 0, 0.5, hparams={"lam": 1, "mode": "online"})
+    fabricate_run(tmp_path / "y", "a", 0, 0.7, hparams={"lam": 2, "mode": "online"})
+    assert main(["table", str(tmp_path)]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert [("| lam=1 " in row, "| lam=2 " in row, "mode" in row) for row in rows] == [(True, False, False),
+                                                                                       (False, True, False)]
+
+
 @pytest.mark.parametrize("key,value", [("width", 64), ("lr", 0.1), ("data", "0123456789ab")])
 def test_runs_that_differ_in_any_key_but_the_seed_are_reported_apart(key, value, tmp_path, capsys):
     fabricate_run(tmp_path, "a", 0, 0.5)
