@@ -21,10 +21,27 @@ class TaskClassifierHparams(Hyperparameters):
     memory_size: int = Field(500, gt=0, description="class setting: episodic memory C of the task classifier")
     classifier_epochs: int = Field(10, gt=0, description="class setting: task-classifier epochs after each task")
     classifier_lr: float = Field(1e-3, gt=0, description="class setting: task-classifier Adam learning rate")
+    memory_selection: Literal["random", "herding"] = Field(
+        "random", description="class setting: which training examples of a task the memory keeps")
     classifier_training: Literal["after", "during", "both"] = Field(
         "during", description="class setting: train the task classifier after each task on the frozen paths' features, "
                              "during each task with a memory batch replayed through every path (its loss also "
                              "trains the task's path), or both")
+
+
+def herding_order(features: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` examples in herding order (Welling 2009, as iCaRL selects
+    exemplars): each next one brings the mean of the L2-normalised features chosen so far
+    closest to the mean of all."""
+    features = F.normalize(features, dim=1)
+    target, chosen_sum = features.mean(0), torch.zeros(features.shape[1])
+    order = []
+    for k in range(1, min(count, len(features)) + 1):
+        distances = ((target - (chosen_sum + features) / k) ** 2).sum(1)
+        distances[order] = torch.inf
+        order.append(int(distances.argmin()))
+        chosen_sum += features[order[-1]]
+    return torch.tensor(order, dtype=torch.long)
 
 
 def memory_after_last_task(memory_size: int, trained_sizes: list[int]) -> int:
@@ -133,12 +150,26 @@ class TaskPathTraining(SupervisedTemplate):
 
     @torch.no_grad()
     def update_memory(self):
+        """Keep memory_size // tasks examples of each learned task: the first of each past
+        task's stored ones, and of this task's a random sample or, with herding, those in
+        herding order on its path's features, class by class in turn."""
         per_task = self.hp.memory_size // (self.task + 1)
         for past in self.memory:
             self.memory[past] = self.memory[past][:per_task]
         dataset = self.adapted_dataset.eval()
-        chosen = torch.randperm(len(dataset))[:per_task].tolist()
-        self.memory[self.task] = next(iter(DataLoader(dataset.subset(chosen), batch_size=len(chosen))))[0]
+        if self.hp.memory_selection == "random":
+            chosen = torch.randperm(len(dataset))[:per_task]
+        else:
+            self.model.eval()
+            features, labels = [], []
+            for x, y, _ in DataLoader(dataset, batch_size=self.eval_mb_size):
+                features.append(self.model.backbone(x.to(self.device), self.task, PathTrace()).cpu())
+                labels.append(y)
+            features, labels = torch.cat(features), torch.cat(labels)
+            orders = [index[herding_order(features[index], per_task)]
+                      for index in (torch.nonzero(labels == label).flatten() for label in labels.unique())]
+            chosen = torch.stack([order[:min(map(len, orders))] for order in orders], 1).flatten()[:per_task]
+        self.memory[self.task] = next(iter(DataLoader(dataset.subset(chosen.tolist()), batch_size=len(chosen))))[0]
 
     def train_task_classifier(self):
         model, task = self.model, self.task

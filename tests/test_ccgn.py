@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clbench.gates import GatedLayer
 from clbench.models import ModelSpec
-from clbench.path_network import FreezableBatchNorm2d
+from clbench.path_network import FreezableBatchNorm2d, PathTrace
+from clbench.path_training import TaskPathTraining, herding_order
 from clbench.registry import get_strategy
 
 CCGN = get_strategy("ccgn")
@@ -117,3 +118,27 @@ def test_executed_macs_equal_dense_count_with_all_gates_open(backbone, setting, 
     assert macs.tolist() == [counter.get_total_flops() / 2 / 5] * 5
     _, macs = model.forward_with_macs(x, t)
     assert (macs < counter.get_total_flops() / 2 / 5).all()
+
+
+def test_herding_picks_first_the_example_closest_to_the_mean_then_what_brings_the_mean_closer():
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7071, 0.7071], [1.0, 0.1]])
+    # The diagonal example is nearest the mean; then [1, 0.1]; then [0, 1], which brings the
+    # mean of the three closer than [1, 0] would (nearest-first would take [1, 0]).
+    assert herding_order(features, 3).tolist() == [2, 3, 1]
+    assert len(set(herding_order(torch.randn(50, 4), 50).tolist())) == 50  # never picks one twice
+
+
+def test_herding_memory_starts_with_each_class_example_nearest_its_class_mean(tiny_scenario, monkeypatch):
+    trained_on = []
+    update_memory = TaskPathTraining.update_memory
+    monkeypatch.setattr(TaskPathTraining, "update_memory",
+                        lambda self: trained_on.append(self.adapted_dataset.eval()) or update_memory(self))
+    strategy, _ = train(tiny_scenario, "class", 1, memory_selection="herding", memory_size=20)
+    model = strategy.model.eval()
+    x, y = (torch.cat(b) for b in zip(*[(x, y) for x, y, _ in DataLoader(trained_on[0], batch_size=256)]))
+    with torch.no_grad():
+        features = torch.nn.functional.normalize(model.backbone(x, 0, PathTrace()), dim=1)
+    nearest = [x[y == c][((features[y == c] - features[y == c].mean(0)) ** 2).sum(1).argmin()] for c in (0, 1)]
+    stored = strategy.memory[0]
+    assert len(stored) == 20
+    assert torch.equal(stored[0], nearest[0]) and torch.equal(stored[1], nearest[1])

@@ -17,9 +17,19 @@ def test_average_accuracy():
 
 
 def test_forgetting_uses_best_previous_accuracy():
-    # task 1: max(0.9, 0.6) - 0.5 = 0.4; task 2: max(0.8) - 0.7 = 0.1; last task undefined
-    np.testing.assert_allclose(metrics.forgetting_per_task(R)[:2], [0.4, 0.1])
-    assert np.isnan(metrics.forgetting_per_task(R)[2])
+    # Task 1 peaks after task 2, not when it was learned: max(0.6, 0.9, 0.8) - 0.5 = 0.4 (not
+    # 0.6 - 0.5). Task 2 ends above its best before the last step: max(0.7, 0.5) - 0.9 = -0.2
+    # (the last step is not a previous one). Task 3: 0.6 - 0.4 = 0.2; the last task undefined.
+    accuracies = np.array([
+        [0.6, 0.0, 0.0, 0.0],
+        [0.9, 0.7, 0.0, 0.0],
+        [0.8, 0.5, 0.6, 0.0],
+        [0.5, 0.9, 0.4, 0.8],
+    ])
+    np.testing.assert_allclose(metrics.forgetting_per_task(accuracies)[:3], [0.4, -0.2, 0.2])
+    assert np.isnan(metrics.forgetting_per_task(accuracies)[3])
+    assert metrics.average_forgetting(accuracies) == pytest.approx(0.4 / 3)
+    # The matrix above (best accuracy right after training): (0.4 + 0.1) / 2.
     assert metrics.average_forgetting(R) == pytest.approx(0.25)
 
 
