@@ -23,10 +23,10 @@ class TaskClassifierHparams(Hyperparameters):
     classifier_lr: float = Field(1e-3, gt=0, description="class setting: task-classifier Adam learning rate")
     memory_selection: Literal["random", "herding"] = Field(
         "random", description="class setting: which training examples of a task the memory keeps")
-    classifier_training: Literal["after", "during", "both"] = Field(
+    classifier_training: Literal["after", "during", "both", "during_balanced"] = Field(
         "during", description="class setting: train the task classifier after each task on the frozen paths' features, "
                              "during each task with a memory batch replayed through every path (its loss also "
-                             "trains the task's path), or both")
+                             "trains the task's path), both, or during each task and then on the memory alone")
 
 
 def herding_order(features: torch.Tensor, count: int) -> torch.Tensor:
@@ -63,7 +63,8 @@ class TaskPathTraining(SupervisedTemplate):
     task's own path (the paper's "current task's data plus an episodic memory"; on Split
     MNIST it beat training after the task, see results/ablations/task_classifier), or
     after each task on the frozen paths' features of the task's training data plus the
-    memory, for classifier_epochs with Adam, or both."""
+    memory, for classifier_epochs with Adam, or both; or during each task and then after
+    it on the memory alone, where every task has as many examples."""
 
     def __init__(self, *, hp, **kwargs):
         super().__init__(**kwargs)
@@ -145,7 +146,7 @@ class TaskPathTraining(SupervisedTemplate):
         if self.model.setting == "class":
             self.update_memory()
             if self.hp.classifier_training != "during":
-                self.train_task_classifier()
+                self.train_task_classifier(memory_only=self.hp.classifier_training == "during_balanced")
         super()._after_training_exp(**kwargs)
 
     @torch.no_grad()
@@ -171,12 +172,14 @@ class TaskPathTraining(SupervisedTemplate):
             chosen = torch.stack([order[:min(map(len, orders))] for order in orders], 1).flatten()[:per_task]
         self.memory[self.task] = next(iter(DataLoader(dataset.subset(chosen.tolist()), batch_size=len(chosen))))[0]
 
-    def train_task_classifier(self):
+    def train_task_classifier(self, memory_only: bool):
+        """Fit the task classifier on the frozen paths' features of the task's training data
+        and the past tasks' memory, or of the memory alone (as many examples of every task)."""
         model, task = self.model, self.task
         model.eval()
-        inputs = [(x, torch.full((len(x),), task)) for x, _, _ in
-                  DataLoader(self.adapted_dataset.eval(), batch_size=self.eval_mb_size)]
-        inputs += [(x, torch.full((len(x),), past)) for past, x in self.memory.items() if past != task]
+        inputs = [] if memory_only else [(x, torch.full((len(x),), task)) for x, _, _ in
+                                         DataLoader(self.adapted_dataset.eval(), batch_size=self.eval_mb_size)]
+        inputs += [(x, torch.full((len(x),), past)) for past, x in self.memory.items() if memory_only or past != task]
         with torch.no_grad():
             features = torch.cat([torch.cat(model.path_features(x.to(self.device))[0], 1) for x, _ in inputs])
         tasks = torch.cat([t for _, t in inputs]).to(self.device)
