@@ -287,6 +287,25 @@ def figure_gate_usage(gates: pd.DataFrame, palette, title):
     return fig
 
 
+def figure_task_confusion(confusion: pd.DataFrame, palette, title):
+    """After the last task: the share of each task's test samples given a class of each
+    task, mean over seeds, one panel per configuration."""
+    configs = list(confusion.groupby(["label", "strategy"]))
+    fig, axes = _grid(len(configs), size=(3.4, 3.0))
+    for ax, ((name, strategy), frame) in zip(axes, configs):
+        runs = [confusion_fractions(run) for _, run in frame.groupby("run_dir")]
+        fractions = sum(runs) / len(runs)
+        percent_heatmap(ax, fractions.to_numpy(), fontsize=7)
+        ax.set_xticks(range(fractions.shape[1]), fractions.columns)
+        ax.set_yticks(range(len(fractions)), fractions.index)
+        ax.set_xlabel("task of the predicted class")
+        ax.set_ylabel("true task")
+        ax.set_title(name, fontsize=9, color=palette(strategy)["color"])
+    fig.suptitle(f"{title}: task confusion after the last task (% of each task's test samples, mean over seeds)",
+                 fontsize=10)
+    return fig
+
+
 def save_png_pdf(fig, folder: Path, name: str) -> Path:
     fig.tight_layout()
     for suffix in ("png", "pdf"):
@@ -295,11 +314,12 @@ def save_png_pdf(fig, folder: Path, name: str) -> Path:
     return folder / f"{name}.png"
 
 
-def make_figures(configurations: dict, usage: pd.DataFrame, gates: pd.DataFrame,
+def make_figures(configurations: dict, usage: pd.DataFrame, gates: pd.DataFrame, confusion: pd.DataFrame,
                  folder: Path) -> list[tuple[str, Path]]:
     """Every report figure, per scenario, data and setting, as (caption, PNG path).
     `configurations`: (scenario, data, setting) -> [(label, strategy, its runs' metrics)];
-    `usage`, `gates`: the runs' kernel_usage and gate_usage tables (may be empty)."""
+    `usage`, `gates`, `confusion`: the runs' kernel_usage, gate_usage and task_confusion
+    tables (may be empty)."""
     folder.mkdir(parents=True, exist_ok=True)
     palette = Palette(strategy for configs in configurations.values() for _, strategy, _ in configs)
     figures = []
@@ -326,6 +346,8 @@ def make_figures(configurations: dict, usage: pd.DataFrame, gates: pd.DataFrame,
                           figure_capacity(part, palette, title), "capacity"))
         if not gates.empty and not (part := gates.query(runs_here)).empty:
             drawn.append(("gate usage per layer and task", figure_gate_usage(part, palette, title), "gate_usage"))
+        if not confusion.empty and not (part := confusion.query(runs_here)).empty:
+            drawn.append(("task confusion", figure_task_confusion(part, palette, title), "task_confusion"))
         figures += [(f"{title}: {caption}", save_png_pdf(figure, folder, f"{stem}_{name}"))
                     for caption, figure, name in drawn]
     return figures

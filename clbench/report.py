@@ -162,7 +162,8 @@ def write_report(results_dir: str, output: Path, compare_with: str | None = None
         (output / "comparison.md").write_text(shown_comparison(comparison).to_markdown(index=False, floatfmt=".4f") + "\n")
     labelled = with_labels(metrics)
     figures = make_figures(configurations(labelled), run_tables(labelled, "kernel_usage"),
-                           run_tables(labelled, "gate_usage"), output / "figures")
+                           run_tables(labelled, "gate_usage"), run_tables(labelled, "task_confusion"),
+                           output / "figures")
     page = output / "report.html"
     page.write_text(html_page(results_dir, summary, figures, left_out, comparison))
     return page, left_out

@@ -21,11 +21,13 @@ FIGURES = ["average_accuracy", "task_accuracy", "matrices", "forgetting", "accur
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory, tiny_scenario_module):
     """Real runs on the tiny scenario: two seeds of naive, one of ccgn and hat (which save
-    gate and capacity tables), and one unfinished run; then the report."""
+    gate and capacity tables), one of naive in the class setting (task confusion), and one
+    unfinished run; then the report."""
     root = tmp_path_factory.mktemp("runs")
     for strategy, seeds in (("naive", (0, 1)), ("ccgn", (0,)), ("hat", (0,))):
         for seed in seeds:
             run(RunConfig(scenario=tiny_scenario_module, strategy=strategy, seed=seed, results_dir=str(root)))
+    run(RunConfig(scenario=tiny_scenario_module, setting="class", results_dir=str(root)))
     unfinished = root / tiny_scenario_module / "task" / "naive" / "seed7"
     unfinished.mkdir(parents=True)
     (unfinished / "config.yaml").write_text("strategy: naive\n")
@@ -37,7 +39,7 @@ def report_dir(tmp_path_factory, tiny_scenario_module):
 
 
 def test_report_writes_tables_and_every_figure(report_dir):
-    summary = pd.read_csv(report_dir / "summary.csv")
+    summary = pd.read_csv(report_dir / "summary.csv").query("setting == 'task'")
     assert sorted(summary.strategy) == ["ccgn", "hat", "naive"]
     assert summary.set_index("strategy").runs.to_dict() == {"ccgn": 1, "hat": 1, "naive": 2}
     assert "±" in summary.set_index("strategy").loc["naive", "accuracy"]
@@ -45,8 +47,11 @@ def test_report_writes_tables_and_every_figure(report_dir):
     for name in FIGURES:
         for suffix in ("png", "pdf"):
             assert (report_dir / "figures" / f"tiny_task_{name}.{suffix}").stat().st_size > 1000, name
+    class_figures = [*FIGURES[:6], "task_confusion"]
+    for name in class_figures:
+        assert (report_dir / "figures" / f"tiny_class_{name}.png").stat().st_size > 1000, name
     page = (report_dir / "report.html").read_text()
-    assert page.count("<img src=\"data:image/png;base64,") == len(FIGURES)
+    assert page.count("<img src=\"data:image/png;base64,") == len(FIGURES) + len(class_figures)
     # Listed apart, with why, not mixed in.
     assert "seed7</li>" not in page and "seed7: not finished" in page
     assert "seed8: damaged" in page
