@@ -235,18 +235,58 @@ def figure_forgetting(configs, palette, title):
     return fig
 
 
+# A module variant's cost under a report cost metric: its own measure, in the same unit.
+VARIANT_COST = {"executed_macs": ("executed_macs", 1.0), "model_size_bytes": ("model_size_bits", 1 / 8)}
+
+
+def cost_points(frame: pd.DataFrame, metric: str):
+    """(variant, costs, accuracies) over a configuration's runs after the last task: the
+    trained model (variant '') and each module variant (e.g. 'w4a4_per_channel')."""
+    final = frame[frame.task.isna() & (frame.step == frame.step.max())]
+    variants = sorted({m.partition("@")[2] for m in final.metric if m.startswith("average_accuracy@")})
+    variant_metric, factor = VARIANT_COST[metric]
+    for variant in ["", *variants]:
+        cost = (final[final.metric == metric].value if not variant
+                else final[final.metric == f"{variant_metric}@{variant}"].value * factor)
+        accuracy = final[final.metric == "average_accuracy" + (f"@{variant}" if variant else "")].value
+        if not cost.empty:
+            yield variant, cost, accuracy
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both cost (lower) and accuracy (higher), by cost."""
+    front = []
+    for cost, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or accuracy > front[-1][1]:
+            front.append((cost, accuracy))
+    return front
+
+
 def figure_cost(configs, palette, title, metric, xlabel, scale):
+    """Mean accuracy against mean cost per configuration: the trained model as a filled
+    marker, each module variant as an open one joined to it, and the Pareto front over
+    them all."""
     fig, ax = plt.subplots(figsize=(6, 4.2))
+    means = []
     for name, strategy, frame in configs:
-        final = frame[frame.task.isna() & (frame.step == frame.step.max())]
-        accuracy = final[final.metric == "average_accuracy"].value
-        cost = final[final.metric == metric].value * scale
-        if cost.empty:
-            continue
         style = palette(strategy)
-        ax.errorbar(cost.mean(), 100 * accuracy.mean(), xerr=cost.std() if len(cost) > 1 else None,
-                    yerr=100 * accuracy.std() if len(accuracy) > 1 else None, color=style["color"],
-                    marker=style["marker"], markersize=8, capsize=3, label=name, linestyle="none")
+        drawn = []
+        for variant, cost, accuracy in cost_points(frame, metric):
+            x, y = cost.mean() * scale, 100 * accuracy.mean()
+            ax.errorbar(x, y, xerr=cost.std() * scale if len(cost) > 1 else None,
+                        yerr=100 * accuracy.std() if len(accuracy) > 1 else None, color=style["color"],
+                        marker=style["marker"], markersize=8 if not variant else 6, capsize=3,
+                        markerfacecolor="none" if variant else style["color"], linestyle="none",
+                        label=None if variant else name)
+            if variant:
+                ax.annotate(variant, (x, y), fontsize=5, xytext=(3, 3), textcoords="offset points")
+            drawn.append((x, y))
+        for variant_point in drawn[1:]:
+            ax.plot(*zip(drawn[0], variant_point), color=style["color"], linewidth=0.6, alpha=0.6)
+        means += drawn
+    if len(means) > 1:
+        ax.step(*zip(*pareto_front(means)), where="post", color="grey", linestyle="--", linewidth=0.8,
+                marker="o", markersize=12, markerfacecolor="none", label="Pareto front")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("average accuracy (%)")
     ax.grid(alpha=0.3)
@@ -335,10 +375,10 @@ def make_figures(configurations: dict, usage: pd.DataFrame, gates: pd.DataFrame,
             ("accuracy of each task over training", figure_task_curves(configs, palette, title), "task_accuracy"),
             ("accuracy matrices", figure_matrices(configs, palette, title), "matrices"),
             ("forgetting per task", figure_forgetting(configs, palette, title), "forgetting"),
-            ("accuracy vs executed MACs per sample",
+            ("accuracy vs executed MACs per sample (open markers: module variants; dashed: Pareto front)",
              figure_cost(configs, palette, title, "executed_macs", "executed MACs per sample (millions)", 1e-6),
              "accuracy_vs_macs"),
-            ("accuracy vs model size",
+            ("accuracy vs model size (open markers: module variants; dashed: Pareto front)",
              figure_cost(configs, palette, title, "model_size_bytes", "model size (MB)", 1e-6), "accuracy_vs_size"),
         ]
         if not usage.empty and not (part := usage.query(runs_here)).empty:

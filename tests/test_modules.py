@@ -14,7 +14,10 @@ from torch import nn
 from clbench.cli import main
 from clbench.config import RunConfig, parse_module
 from clbench.models import ModelSpec, build_model
+from clbench.plots import cost_points, pareto_front
 from clbench.registry import load_modules
+from clbench.report import configurations, write_report
+from clbench.results import load_metrics, with_labels
 from clbench.runner import run
 
 TWO_TASKS = dict(classes_per_task=5, width=4, epochs=1)  # the tiny scenario cut to 2 tasks
@@ -175,3 +178,22 @@ def test_list_shows_modules_with_their_options(capsys):
     out = capsys.readouterr().out
     modules = out.split("Modules", 1)[1].split("Scenarios:", 1)[0]
     assert "  ptq " in modules and "bits: list[int] = [8, 6, 4]" in modules and "dfq: bool = False" in modules
+
+
+def test_a_report_sets_each_module_variant_beside_its_model_at_its_own_cost(tiny_scenario, tmp_path):
+    run_dir_of(tiny_scenario, tmp_path / "runs", modules=[{"name": "ptq", "bits": [8, 4], "granularity": ["per_channel"]}])
+    write_report(str(tmp_path / "runs"), tmp_path / "report")
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv")
+    assert {"accuracy @w8a8_per_channel", "size (Mbit) @w4a4_per_channel"} <= set(summary.columns)
+    metrics, _ = load_metrics(str(tmp_path / "runs"))
+    [[(_, _, frame)]] = configurations(with_labels(metrics)).values()
+    final = frame[frame.task.isna() & (frame.step == 2)].set_index("metric").value
+    points = {variant: (cost.mean(), accuracy.mean()) for variant, cost, accuracy in cost_points(frame, "model_size_bytes")}
+    assert points == {"": (final["model_size_bytes"], final["average_accuracy"]),
+                      **{v: (final[f"model_size_bits@{v}"] / 8, final[f"average_accuracy@{v}"])
+                         for v in ("w8a8_per_channel", "w4a4_per_channel")}}
+
+
+def test_the_pareto_front_keeps_the_points_nothing_beats_on_both_cost_and_accuracy():
+    points = [(2.0, 0.4), (1.0, 0.5), (3.0, 0.9), (0.5, 0.2), (3.0, 0.8), (4.0, 0.9)]
+    assert pareto_front(points) == [(0.5, 0.2), (1.0, 0.5), (3.0, 0.9)]
