@@ -5,16 +5,19 @@ the compact paths of `clbench.compact` (only the kernels a task may open). Task 
 the task classifier), batch 1 and 64, small CNN (Split MNIST's input) and a
 reduced-width ResNet-18 (CIFAR's input).
 
-The gated networks are not trained, which would take minutes of CPU: 5 tasks are
-learned by hand, each allowed a random 25% of every layer's kernels, with untrained
-gating modules that open about half of those per sample (their batch norms, like the
-backbone's, hold the statistics of random inputs). The MACs clbench counts per sample
-are reported beside the dense count. The executions alternate
+Two kinds of gates (column `gates`). `trained`: the small CNN as ccgn learns it, trained
+by `clbench run` on the embedded Split MNIST (`--trained-on`, 1 epoch per task, seed 0,
+in each setting), timed on that scenario's test images of the first task. `random`: no
+training, so ResNet-18 fits on a CPU: 5 tasks learned by hand, each allowed a random 25%
+of every layer's kernels, with untrained gating modules that open about half of those
+per sample (their batch norms, like the backbone's, hold the statistics of random
+inputs), timed on random inputs. The MACs clbench counts per sample are reported beside
+the dense count. The executions alternate
 (dense, masked, compact, dense, ...) for `--rounds` rounds of `--repeats` batches each;
 the best and the median time per batch are reported, and the speed-up over the dense
 backbone measured (best times) beside the one the MAC counts promise.
 
-Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny]
+Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on SCENARIO]
 """
 
 from __future__ import annotations
@@ -23,24 +26,29 @@ import argparse
 import csv
 import platform
 import statistics
+import tempfile
 import time
 from importlib import metadata
+from itertools import product
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from clbench import checkpoint
+from clbench.config import RunConfig
+from clbench.datasets.scenarios import build_scenario
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
 from clbench.registry import get_strategy
 from clbench.results import git_commit
-from clbench.runner import dense_macs
+from clbench.runner import dense_macs, run
 from clbench.sweep import available_cores
 
 RESULTS = Path(__file__).parent / "results" / "gated_inference.csv"
 TASKS = 5
 ALLOWED = 0.25
-COLUMNS = ["backbone", "width", "setting", "batch", "execution", "best_ms", "median_ms", "macs_per_sample",
+COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "macs_per_sample",
            "speedup_measured", "speedup_macs", "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
 
@@ -63,9 +71,23 @@ def gated_model(spec: ModelSpec) -> TaskPathNet:
     return model.eval()
 
 
-def executions(spec: ModelSpec, x: torch.Tensor, t: torch.Tensor) -> tuple[dict, dict]:
+def trained_model(scenario: str, setting: str, width: int, folder: str) -> tuple[TaskPathNet, ModelSpec, torch.Tensor]:
+    """ccgn's small CNN trained by clbench on `scenario` (1 epoch per task, seed 0), its
+    spec, and 64 of the scenario's test images of the first task."""
+    cfg = RunConfig(scenario=scenario, strategy="ccgn", setting=setting, width=width, keep_checkpoints=True,
+                    results_dir=folder)
+    run_dir = run(cfg).run_dir
+    data = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes,
+                          cfg.classes_per_task, cfg.cache)
+    spec = ModelSpec("small_cnn", width, data.spec.input_shape, setting, data.task_classes)
+    test = data.benchmark.test_stream[0].dataset
+    images = torch.stack([test[i % len(test)][0] for i in range(64)])
+    return checkpoint.load(run_dir, data)["trainer"].model.eval(), spec, images
+
+
+def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Tensor) -> tuple[dict, dict]:
     """The three ways to run a batch, and the MACs per sample clbench counts for each."""
-    dense, gated = build_model(spec).eval(), gated_model(spec)
+    dense = build_model(spec).eval()
 
     def masked():
         gated.compact_inference = False
@@ -99,6 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
     parser.add_argument("--tiny", action="store_true", help="narrow networks, 2 rounds of 1 batch: a check in seconds")
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
+    parser.add_argument("--trained-on", default="split_mnist_mini",
+                        help="scenario on which ccgn's small CNN is trained [%(default)s]")
     args = parser.parse_args(argv)
     rounds, repeats = (2, 1) if args.tiny else (args.rounds, args.repeats)
     networks = [("small_cnn", 4 if args.tiny else 32, (1, 28, 28)), ("resnet18", 4 if args.tiny else 16, (3, 32, 32))]
@@ -109,23 +133,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
                "avalanche": metadata.version("avalanche-lib"), "clbench_commit": git_commit()}
     rows = []
     try:
-        for backbone, width, shape in networks:
-            for setting in ("task", "class"):
+        for (backbone, width, shape), gates, setting in product(networks, ("trained", "random"), ("task", "class")):
+            if gates == "trained" and backbone != "small_cnn":
+                continue
+            torch.manual_seed(0)
+            if gates == "trained":
+                with tempfile.TemporaryDirectory() as folder:
+                    gated, spec, images = trained_model(args.trained_on, setting, width, folder)
+            else:
                 spec = ModelSpec(backbone, width, shape, setting, [[2 * k, 2 * k + 1] for k in range(TASKS)])
-                for batch in (1, 64):
-                    torch.manual_seed(0)
-                    x, t = torch.randn(batch, *shape), torch.zeros(batch, dtype=torch.long)
-                    with torch.no_grad():
-                        runs, macs = executions(spec, x, t)
-                        times = timings(runs, rounds, repeats)
-                    for name, measured in times.items():
-                        rows.append({"backbone": backbone, "width": width, "setting": setting, "batch": batch,
-                                     "execution": name, "best_ms": round(1e3 * min(measured), 3),
-                                     "median_ms": round(1e3 * statistics.median(measured), 3),
-                                     "macs_per_sample": round(macs[name]),
-                                     "speedup_measured": round(min(times["dense"]) / min(measured), 2),
-                                     "speedup_macs": round(macs["dense"] / macs[name], 2),
-                                     "rounds": rounds, "repeats": repeats, **machine})
+                gated, images = gated_model(spec), torch.randn(64, *shape)
+            for batch in (1, 64):
+                x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
+                with torch.no_grad():
+                    runs, macs = executions(spec, gated, x, t)
+                    times = timings(runs, rounds, repeats)
+                for name, measured in times.items():
+                    rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
+                                 "batch": batch,
+                                 "execution": name, "best_ms": round(1e3 * min(measured), 3),
+                                 "median_ms": round(1e3 * statistics.median(measured), 3),
+                                 "macs_per_sample": round(macs[name]),
+                                 "speedup_measured": round(min(times["dense"]) / min(measured), 2),
+                                 "speedup_macs": round(macs["dense"] / macs[name], 2),
+                                 "rounds": rounds, "repeats": repeats, **machine})
     finally:
         torch.set_num_threads(threads)
     print_table(rows)
@@ -139,10 +170,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'backbone':<9} {'width':>5} {'setting':<7} {'batch':>5} {'execution':<9} {'best ms':>9} {'median ms':>9} "
+    print(f"{'backbone':<9} {'width':>5} {'gates':<7} {'setting':<7} {'batch':>5} {'execution':<9} {'best ms':>9} {'median ms':>9} "
           f"{'MACs/sample':>12} {'speed-up measured':>17} {'speed-up by MACs':>16}")
     for row in rows:
-        print(f"{row['backbone']:<9} {row['width']:>5} {row['setting']:<7} {row['batch']:>5} {row['execution']:<9} "
+        print(f"{row['backbone']:<9} {row['width']:>5} {row['gates']:<7} {row['setting']:<7} {row['batch']:>5} {row['execution']:<9} "
               f"{row['best_ms']:>9.3f} {row['median_ms']:>9.3f} {row['macs_per_sample']:>12} "
               f"{row['speedup_measured']:>17.2f} {row['speedup_macs']:>16.2f}")
     print(f"machine: {rows[0]['machine']}, {rows[0]['cores']} cores, torch threads {rows[0]['torch_threads']}, "

@@ -177,16 +177,20 @@ def test_copies_and_checkpoints_leave_the_compact_paths_out(strategy):
             assert torch.equal(copied(x, tasks), expected)
 
 
-def test_gated_inference_benchmark_writes_its_table(tmp_path, capsys):
+def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("gated_inference", ROOT / "benchmarks" / "gated_inference.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     output = tmp_path / "gated_inference.csv"
-    benchmark.main(["--tiny", "--threads", "1", "--output", str(output)])
+    benchmark.main(["--tiny", "--threads", "1", "--output", str(output), "--trained-on", tiny_scenario])
     table = pd.read_csv(output)
     assert list(table.columns) == benchmark.COLUMNS
     assert set(table.execution) == {"dense", "masked", "compact"}
     assert set(table.setting) == {"task", "class"} and set(table.backbone) == {"small_cnn", "resnet18"}
+    assert set(table.query("backbone == 'small_cnn'").gates) == {"trained", "random"}
+    # A trained task's path runs fewer MACs than the dense network.
+    trained = table.query("gates == 'trained' and setting == 'task' and execution == 'compact'")
+    assert (trained.speedup_macs > 1).all()
     assert set(table.batch) == {1, 64}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
     assert "speed-up" in capsys.readouterr().out
