@@ -197,10 +197,15 @@ def quantise(model: nn.Module, bits: int, granularity: str, batches, n_tasks: in
             if bias_correction and layer.bias is not None:
                 total, count = input_means[layer]
                 correct_bias(layer, float_weight, total / count)
-    weights = [layer.weight for layer in layers]
+    return Variant(model, quantised_measures(model, [layer.weight for layer in layers], bits))
+
+
+def quantised_measures(model: nn.Module, weights: list[torch.Tensor], bits: int) -> dict[str, float]:
+    """A variant's measures: its size in bits with `weights` at `bits` bits and every other
+    parameter and buffer as stored, and the share of those weights that are zero."""
     size_bits = model_size_bytes(model) * 8 - sum(w.numel() * (w.element_size() * 8 - bits) for w in weights)
     sparsity = sum((w == 0).sum().item() for w in weights) / sum(w.numel() for w in weights)
-    return Variant(model, {"model_size_bits": size_bits, "sparsity": sparsity})
+    return {"model_size_bits": size_bits, "sparsity": sparsity}
 
 
 @register_module
