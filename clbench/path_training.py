@@ -24,7 +24,7 @@ class TaskClassifierHparams(Hyperparameters):
     memory_selection: Literal["random", "herding"] = Field(
         "random", description="class setting: which training examples of a task the memory keeps")
     classifier_training: Literal["after", "during", "both", "during_balanced"] = Field(
-        "during", description="class setting: train the task classifier after each task on the frozen paths' features, "
+        "during_balanced", description="class setting: train the task classifier after each task on the frozen paths' features, "
                              "during each task with a memory batch replayed through every path (its loss also "
                              "trains the task's path), both, or during each task and then on the memory alone")
 

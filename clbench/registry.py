@@ -82,9 +82,21 @@ class Strategy:
     # Run-level options the strategy replaces with hyperparameters of its own (OPTIMIZER_OPTIONS
     # for its own optimiser): giving one is an error, and the run records it as null.
     own_options: ClassVar[tuple[str, ...]] = ()
+    # Hyperparameters only the class setting uses: a task-setting run records their
+    # defaults, so that they never tell task-setting runs apart (nor a default changed).
+    class_setting_hparams: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, hp: Hyperparameters):
         self.hp = hp
+
+    @classmethod
+    def recorded_hparams(cls, setting: str, hparams: dict) -> dict:
+        """`hparams` as a run of `setting` records them: in the task setting, the
+        class-setting-only ones at their defaults."""
+        if setting != "task" or not cls.class_setting_hparams:
+            return hparams
+        defaults = cls.Hparams().model_dump()
+        return {**hparams, **{name: defaults[name] for name in cls.class_setting_hparams}}
 
     @classmethod
     def from_hparams(cls, values: dict) -> Strategy:

@@ -55,10 +55,13 @@ def recorded_config(saved: dict) -> dict:
     """A run's saved configuration with every field, strategy hyperparameter or module
     option added since it was recorded set to today's default: a new option's default
     must reproduce what clbench did before the option existed, so older runs still match
-    new ones."""
+    new ones. A task-setting run's class-setting-only hyperparameters are today's
+    defaults too (`Strategy.recorded_hparams`)."""
     hparams = saved.get("hparams")
     if isinstance(hparams, dict) and saved.get("strategy") in (strategies := load_strategies()):
-        saved = {**saved, "hparams": {**strategies[saved["strategy"]].Hparams().model_dump(), **hparams}}
+        strategy = strategies[saved["strategy"]]
+        saved = {**saved, "hparams": strategy.recorded_hparams(
+            saved.get("setting"), {**strategy.Hparams().model_dump(), **hparams})}
     if isinstance(saved.get("modules"), list):
         modules = load_modules()
         saved = {**saved, "modules": [

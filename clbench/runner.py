@@ -226,7 +226,8 @@ def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
     strategy = strategy_cls.from_hparams(cfg.hparams)
     modules = build_modules(cfg.modules)
     check_device(cfg.device)
-    return strategy, cfg.model_copy(update={"hparams": strategy.hp.model_dump(), **dict.fromkeys(unused),
+    hparams = strategy_cls.recorded_hparams(cfg.setting, strategy.hp.model_dump())
+    return strategy, cfg.model_copy(update={"hparams": hparams, **dict.fromkeys(unused),
                                             "modules": [module.recorded() for module in modules],
                                             "backbone": cfg.backbone or scenario_spec(cfg.scenario).backbone})
 

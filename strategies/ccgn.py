@@ -54,6 +54,7 @@ class CCGN(Strategy):
 
     name = "ccgn"
     own_options = OPTIMIZER_OPTIONS
+    class_setting_hparams = tuple(TaskClassifierHparams.model_fields)
 
     class Hparams(TaskClassifierHparams):
         sparsity: float = Field(0.05, ge=0, description="lambda_s: weight of the mean gate activation in the loss")

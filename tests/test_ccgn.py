@@ -95,7 +95,7 @@ def test_sparsity_weight_lowers_gate_usage(tiny_scenario):
     assert usage(10.0) < usage(0.0) - 0.1
 
 
-@pytest.mark.parametrize("classifier_training", ["after", "during"])
+@pytest.mark.parametrize("classifier_training", ["after", "during", "during_balanced"])
 def test_task_classifier_learns(classifier_training, tiny_scenario):
     accuracy = {}
 

@@ -7,7 +7,8 @@ import yaml
 from clbench import results
 from clbench.cli import main
 from clbench.config import RunConfig
-from clbench.runner import run
+from clbench.registry import get_strategy
+from clbench.runner import resolve, run
 
 
 def test_interrupted_run_is_listed_apart_and_replaced(tiny_scenario, tmp_path):
@@ -103,6 +104,21 @@ def test_a_run_recorded_before_a_hyperparameter_existed_counts_as_its_default(tm
     fabricate_run(tmp_path / "other", "ewc", 0, 0.9, hparams={**today, "decay_factor": 0.5})
     runs, _ = results.load_finished_runs(tmp_path)
     assert sorted(results.summarise_runs(runs).runs) == [1, 2]
+
+
+def test_a_task_setting_run_records_the_class_setting_hyperparameters_at_their_defaults():
+    defaults = get_strategy("ccgn").Hparams()
+    asked = {"classifier_training": "after", "memory_size": 100}
+    _, task_cfg = resolve(RunConfig(strategy="ccgn", setting="task", hparams=asked))
+    assert (task_cfg.hparams["classifier_training"], task_cfg.hparams["memory_size"]) == (
+        defaults.classifier_training, defaults.memory_size)
+    _, class_cfg = resolve(RunConfig(strategy="ccgn", setting="class", hparams=asked))
+    assert (class_cfg.hparams["classifier_training"], class_cfg.hparams["memory_size"]) == ("after", 100)
+    # A task-setting run recorded with other values (e.g. an older default) is the same run.
+    older = {**task_cfg.model_dump(), "hparams": {**task_cfg.hparams, **asked}}
+    assert results.recorded_config(older)["hparams"] == task_cfg.hparams
+    older_class = {**class_cfg.model_dump(), "hparams": {**class_cfg.hparams, "memory_size": 200}}
+    assert results.recorded_config(older_class)["hparams"]["memory_size"] == 200
 
 
 def test_runs_are_counted_not_their_distinct_seeds(tmp_path):
