@@ -75,6 +75,34 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     return shown
 
 
+def variants_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration and module variant of a `summarise_runs` table (the
+    trained model first, its variant blank): accuracy, forgetting, size in Mbit and
+    sparsity, 'mean ± std'; empty where no run has a variant."""
+    variants = sorted({c.removeprefix("average_accuracy@").removesuffix("_mean") for c in summary.columns
+                       if c.startswith("average_accuracy@") and c.endswith("_mean")})
+    if not variants:
+        return pd.DataFrame()
+
+    def column(name: str) -> pd.Series:
+        return summary[name] if name in summary else pd.Series(np.nan, index=summary.index)
+
+    keys = key_columns(summary).assign(runs=summary.runs)
+    rows = []
+    for variant in ["", *variants]:
+        at = f"@{variant}" if variant else ""
+        size = ((column("model_size_bits" + at + "_mean"), column("model_size_bits" + at + "_std")) if variant
+                else (8 * column("model_size_bytes_mean"), 8 * column("model_size_bytes_std")))
+        shown = keys.assign(variant=variant)
+        for metric, name in (("average_accuracy", "accuracy"), ("average_forgetting", "forgetting"),
+                             ("model_size_bits", "size (Mbit)"), ("sparsity", "sparsity")):
+            means, stds = size if metric == "model_size_bits" else (column(metric + at + "_mean"),
+                                                                    column(metric + at + "_std"))
+            shown[name] = [format_mean_std(m, s, metric) for m, s in zip(means, stds)]
+        rows.append(shown[column("average_accuracy" + at + "_mean").notna()])
+    return pd.concat(rows).sort_index(kind="stable").reset_index(drop=True)
+
+
 def configurations(metrics: pd.DataFrame):
     """(scenario, data, setting) -> list of (label, strategy, that configuration's metrics)."""
     groups = {}
@@ -117,10 +145,14 @@ def embedded_image(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def html_page(results_dir: str, summary: pd.DataFrame, figures, left_out, comparison: pd.DataFrame | None) -> str:
+def html_page(results_dir: str, summary: pd.DataFrame, figures, left_out, comparison: pd.DataFrame | None,
+              variants: pd.DataFrame) -> str:
     parts = [f"<h1>clbench report: {html.escape(results_dir)}</h1>",
              "<p>Final metrics, mean ± std over seeds (the <i>runs</i> column gives how many).</p>",
              summary.to_html(index=False, border=0, classes="table", escape=True)]
+    if not variants.empty:
+        parts += ["<h2>Module variants</h2>", "<p>Each trained model (blank variant) and its module variants.</p>",
+                  variants.to_html(index=False, border=0, classes="table", escape=True)]
     if comparison is not None and not comparison.empty:
         parts += ["<h2>Comparison (B − A)</h2>",
                   ("<p>Flagged where the difference exceeds the larger seed-to-seed std (never where either "
@@ -155,6 +187,10 @@ def write_report(results_dir: str, output: Path, compare_with: str | None = None
     summary.to_csv(output / "summary.csv", index=False)
     (output / "summary.md").write_text(summary.to_markdown(index=False, disable_numparse=True) + "\n")
     (output / "summary.tex").write_text(summary.to_latex(index=False).replace("±", r"$\pm$"))
+    variants = variants_table(numbers)
+    if not variants.empty:
+        variants.to_csv(output / "variants.csv", index=False)
+        (output / "variants.md").write_text(variants.to_markdown(index=False, disable_numparse=True) + "\n")
     comparison = None
     if compare_with:
         other, _ = load_finished_runs(compare_with)
@@ -168,5 +204,5 @@ def write_report(results_dir: str, output: Path, compare_with: str | None = None
                            run_tables(labelled, "gate_usage"), run_tables(labelled, "task_confusion"),
                            output / "figures")
     page = output / "report.html"
-    page.write_text(html_page(results_dir, summary, figures, left_out, comparison))
+    page.write_text(html_page(results_dir, summary, figures, left_out, comparison, variants))
     return page, left_out

@@ -202,6 +202,13 @@ def test_a_report_sets_each_module_variant_beside_its_model_at_its_own_cost(tiny
     assert points == {"": (final["model_size_bytes"], final["average_accuracy"]),
                       **{v: (final[f"model_size_bits@{v}"] / 8, final[f"average_accuracy@{v}"])
                          for v in ("w8a8_per_channel", "w4a4_per_channel")}}
+    # The variants table: the trained model, then each variant, with its own numbers.
+    variants = pd.read_csv(tmp_path / "report" / "variants.csv", dtype=str, keep_default_na=False)
+    assert variants.variant.tolist() == ["", "w4a4_per_channel", "w8a8_per_channel"]
+    assert variants.accuracy.tolist() == [f"{final['average_accuracy' + at]:.3f}"
+                                          for at in ("", "@w4a4_per_channel", "@w8a8_per_channel")]
+    assert variants["size (Mbit)"].tolist() == [f"{bits / 1e6:.3f}" for bits in (
+        8 * final["model_size_bytes"], final["model_size_bits@w4a4_per_channel"], final["model_size_bits@w8a8_per_channel"])]
 
 
 def test_the_pareto_front_keeps_the_points_nothing_beats_on_both_cost_and_accuracy():
