@@ -45,7 +45,7 @@ def format_mean_std(mean: float, std: float, metric: str) -> str:
         return f"{mean:,.0f}"
     scale, digits, unit = {"executed_macs": (1e-6, 3, "M"), "model_size_bytes": (1e-6, 2, ""),
                            "model_size_bits": (1e-6, 3, ""), "train_time_s": (1, 0, "")}.get(metric, (1, 3, ""))
-    mean, std = mean * scale, std * scale
+    mean, std = round(mean * scale, digits) + 0.0, std * scale  # + 0.0: no '-0.000'
     if std != std or std == 0 and metric in ("executed_macs", "model_size_bytes", "model_size_bits"):
         return f"{mean:.{digits}f}{unit}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}{unit}"

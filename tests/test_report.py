@@ -9,7 +9,7 @@ import pytest
 from clbench.cli import main
 from clbench.config import RunConfig
 from clbench.plots import Palette
-from clbench.report import compare
+from clbench.report import compare, format_mean_std
 from clbench.results import load_finished_runs
 from clbench.runner import run
 from test_results import fabricate_run
@@ -108,3 +108,8 @@ def test_html_report_renders_in_headless_chromium(report_dir):
     assert len(sizes) == len(FIGURES) + len(CLASS_FIGURES)
     assert all(complete and width > 100 and height > 100 for complete, width, height in sizes)
     assert errors == []
+
+
+def test_a_mean_that_rounds_to_zero_shows_no_minus_sign():
+    assert format_mean_std(-1e-5, float("nan"), "average_forgetting") == "0.000"
+    assert format_mean_std(-4e-4, 1e-3, "average_forgetting") == "0.000 ± 0.001"
