@@ -226,9 +226,11 @@ def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
     strategy = strategy_cls.from_hparams(cfg.hparams)
     modules = build_modules(cfg.modules)
     check_device(cfg.device)
-    return strategy, cfg.model_copy(update={"hparams": strategy.hp.model_dump(), **dict.fromkeys(unused),
-                                            "modules": [module.recorded() for module in modules],
-                                            "backbone": cfg.backbone or scenario_spec(cfg.scenario).backbone})
+    resolved = cfg.model_copy(update={"hparams": strategy.hp.model_dump(), **dict.fromkeys(unused),
+                                      "modules": [module.recorded() for module in modules],
+                                      "backbone": cfg.backbone or scenario_spec(cfg.scenario).backbone})
+    strategy.check_config(resolved)
+    return strategy, resolved
 
 
 def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
