@@ -12,6 +12,11 @@ The scenario's loaded datasets are pickled as references, not copied: a memory o
 examples is a view of the whole training set, which would otherwise be written with it
 (190 MB for full MNIST). The resumed run loads the same data (checked by its
 fingerprint) and the references resolve to it.
+
+Modules parametrised with `torch.nn.utils.parametrize` (the ltp module's soft thresholds),
+which PyTorch refuses to pickle, are pickled as their plain class and state and
+parametrised again on loading, their original tensors the same objects (the optimiser
+holds them).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from pathlib import Path
 
 import dill
 from avalanche.training.determinism.rng_manager import RNGManager
+from torch import nn
+from torch.nn.utils import parametrize
 
 from clbench.results import CHECKPOINT, atomic_write
 
@@ -32,6 +39,20 @@ class _Pickler(dill.Pickler):
 
     def persistent_id(self, obj):
         return self.shared.get(id(obj))
+
+    def reducer_override(self, obj):
+        if isinstance(obj, nn.Module) and parametrize.is_parametrized(obj):
+            plain = type(obj).__bases__[0]  # parametrize made the module's class a subclass of it
+            return object.__new__, (plain,), obj.__dict__, None, None, _parametrise_again
+        return NotImplemented
+
+
+def _parametrise_again(module: nn.Module, state: dict) -> None:
+    module.__dict__.update(state)
+    for name, chain in module._modules.pop("parametrizations").items():
+        module._parameters[name] = chain.original
+        for parametrization in chain:
+            parametrize.register_parametrization(module, name, parametrization, unsafe=chain.unsafe)
 
 
 class _Unpickler(dill.Unpickler):

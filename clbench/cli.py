@@ -122,12 +122,14 @@ def list_command():
 
 
 def type_text(annotation) -> str:
-    """int; a|b for a Literal; list[a|b] for a list."""
+    """int; a|b for a Literal or a union (float|None); list[a|b] for a list."""
     if typing.get_origin(annotation) is typing.Literal:
         return "|".join(typing.get_args(annotation))
     if typing.get_origin(annotation) is list:
         return f"list[{type_text(typing.get_args(annotation)[0])}]"
-    return annotation.__name__
+    if isinstance(annotation, types.UnionType):
+        return "|".join(type_text(arg) for arg in typing.get_args(annotation))
+    return "None" if annotation is type(None) else annotation.__name__
 
 
 def echo_fields(options) -> None:

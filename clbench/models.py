@@ -9,6 +9,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from avalanche.models import MultiTaskModule
 from torch import nn
+from torch.nn.utils import parametrize
 
 from clbench.errors import UserError
 
@@ -151,3 +152,19 @@ def model_size_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers as stored (float32 here)."""
     tensors = list(model.parameters()) + list(model.buffers())
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def unparametrise(model: nn.Module) -> nn.Module:
+    """`model`, in place, with every tensor parametrised through `torch.nn.utils.parametrize`
+    (ltp's soft thresholds) a plain parameter holding its current value: a module variant
+    edits and measures plain weights. Not `parametrize.remove_parametrizations`: it deletes
+    the tensor's property from the module's class, which a deep copy shares with its
+    original."""
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            values = {name: getattr(module, name).detach() for name in module.parametrizations}
+            del module._modules["parametrizations"]
+            module.__class__ = type(module).__bases__[0]
+            for name, value in values.items():
+                module.register_parameter(name, nn.Parameter(value))
+    return model

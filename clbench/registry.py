@@ -109,6 +109,10 @@ class Strategy:
             raise UserError(f"invalid hyperparameters for {cls.name!r}: {describe_validation_error(error)} "
                             f"(known: {known})") from None
 
+    def check_config(self, cfg) -> None:
+        """A `UserError` where the resolved run configuration (`clbench.config.RunConfig`)
+        does not suit the strategy; called before anything is built or run."""
+
     def make_model(self, spec: ModelSpec) -> torch.nn.Module:
         """The network to train; strategies with their own architecture override it."""
         return build_model(spec)

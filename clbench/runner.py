@@ -227,9 +227,11 @@ def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
     modules = build_modules(cfg.modules)
     check_device(cfg.device)
     hparams = strategy_cls.recorded_hparams(cfg.setting, strategy.hp.model_dump())
-    return strategy, cfg.model_copy(update={"hparams": hparams, **dict.fromkeys(unused),
-                                            "modules": [module.recorded() for module in modules],
-                                            "backbone": cfg.backbone or scenario_spec(cfg.scenario).backbone})
+    resolved = cfg.model_copy(update={"hparams": hparams, **dict.fromkeys(unused),
+                                      "modules": [module.recorded() for module in modules],
+                                      "backbone": cfg.backbone or scenario_spec(cfg.scenario).backbone})
+    strategy.check_config(resolved)
+    return strategy, resolved
 
 
 def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:

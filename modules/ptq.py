@@ -18,6 +18,9 @@ and executed MACs are the same.
 Model size in bits: every quantised weight at the variant's bit width, every other
 parameter and buffer as stored (float32: 32 bits).
 
+With ltp attached, the network quantised is the one evaluated, its weights through their
+soft thresholds (not ltp's hard-pruned variant).
+
 Data-free quantisation (`dfq`, Nagel et al. 2019, arXiv:1906.04721) before quantising:
 cross-layer equalisation, then bias correction. Equalisation uses
 `torch.ao.quantization._equalize.cross_layer_equalization` (scale s = sqrt(r1/r2) per
@@ -50,7 +53,7 @@ from torch.ao.quantization._equalize import cross_layer_equalization
 from torch.utils.data import DataLoader, Dataset
 
 from clbench.errors import UserError
-from clbench.models import model_size_bytes
+from clbench.models import model_size_bytes, unparametrise
 from clbench.path_network import PathLayer, TaskPathNet
 from clbench.registry import Module, ModuleOptions, Variant, register_module
 
@@ -240,7 +243,7 @@ class PostTrainingQuantisation(Module):
                             "ccgn/HAT (their gates read the inputs equalisation rescales)")
 
     def variants(self, model: nn.Module, calibration: Dataset, n_tasks: int) -> dict[str, Variant]:
-        base = copy.deepcopy(model)
+        base = unparametrise(copy.deepcopy(model))  # with ltp: the soft-thresholded weights as evaluated
         if self.options.dfq:
             equalise(base)
         batches = calibration_batches(calibration, self.options.calibration_examples, next(model.parameters()).device)

@@ -9,8 +9,10 @@ from clbench.datasets.images import ImageArrayDataset
 from clbench.datasets.loaders import load_split_mnist_mini
 from clbench.datasets.scenarios import SCENARIOS, build_scenario
 
+from clbench import checkpoint
 from clbench.models import ModelSpec
 from clbench.registry import TrainingSetup
+from clbench.runner import run
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
@@ -62,6 +64,24 @@ def train_tasks(strategy_cls, scenario_name, setting, tasks, backbone, width, hp
         if after_task:
             after_task(trainer, scenario, task)
     return trainer, scenario
+
+
+class Interrupted(Exception):
+    pass
+
+
+def run_until_first_checkpoint(config) -> None:
+    """Run `config` and stop it, as if killed, once it has checkpointed its first task."""
+    save = checkpoint.save
+
+    def save_and_stop(*args):
+        assert save(*args), "no checkpoint written"
+        raise Interrupted
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(checkpoint, "save", save_and_stop)
+        with pytest.raises(Interrupted):
+            run(config)
 
 
 @pytest.fixture

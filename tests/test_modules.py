@@ -1,6 +1,7 @@
 """Modules attached to runs: every registered module on a seconds-long run (parametrised
 over the registry), post-training quantisation and data-free quantisation on their own,
-and the configuration of modules from YAML and the command line."""
+learned-threshold pruning, and the configuration of modules from YAML and the command
+line."""
 
 import copy
 
@@ -8,8 +9,10 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from clbench.modules import ptq
+from clbench.modules import ltp, ptq
+from conftest import run_until_first_checkpoint
 from torch import nn
+from torch.nn.utils import parametrize
 
 from clbench.cli import main
 from clbench.config import RunConfig, parse_module
@@ -159,6 +162,13 @@ def test_module_syntax_on_the_command_line():
     (["--module", "relaxed_quant:final_temperature=2"], "must not exceed temperature"),
     (["--strategy", "hat", "--module", "relaxed_quant"], "relaxed_quant does not support ccgn and HAT"),
     (["--strategy", "ccgn", "--module", "relaxed_quant"], "relaxed_quant does not support ccgn and HAT"),
+    (["--module", "ltp:temperature=0"], "invalid options for module 'ltp'"),
+    (["--module", "ltp:target_sparsity=1"], "invalid options for module 'ltp'"),
+    # Its thresholds would prune weights these strategies keep fixed for past tasks.
+    (["--strategy", "ccgn", "--module", "ltp"], "ltp cannot run with ccgn"),
+    (["--strategy", "hat", "--module", "ltp"], "ltp cannot run with ccgn, hat"),
+    (["--strategy", "hat_tc", "--setting", "class", "--module", "ltp"], "ltp cannot run with ccgn, hat, hat_tc"),
+    (["--strategy", "packnet", "--epochs", "2", "--module", "ltp"], "ltp cannot run with ccgn, hat, hat_tc or packnet"),
 ])
 def test_bad_modules_exit_2_with_one_line(args, message, tiny_scenario, tmp_path, capsys):
     assert main(["run", "--scenario", tiny_scenario, "--results-dir", str(tmp_path), *args]) == 2
@@ -188,6 +198,7 @@ def test_list_shows_modules_with_their_options(capsys):
     out = capsys.readouterr().out
     modules = out.split("Modules", 1)[1].split("Scenarios:", 1)[0]
     assert "  ptq " in modules and "bits: list[int] = [8, 6, 4]" in modules and "dfq: bool = False" in modules
+    assert "  ltp " in modules and "target_sparsity: float|None = None" in modules
 
 
 def test_a_report_sets_each_module_variant_beside_its_model_at_its_own_cost(tiny_scenario, tmp_path):
@@ -214,3 +225,90 @@ def test_a_report_sets_each_module_variant_beside_its_model_at_its_own_cost(tiny
 def test_the_pareto_front_keeps_the_points_nothing_beats_on_both_cost_and_accuracy():
     points = [(2.0, 0.4), (1.0, 0.5), (3.0, 0.9), (0.5, 0.2), (3.0, 0.8), (4.0, 0.9)]
     assert pareto_front(points) == [(0.5, 0.2), (1.0, 0.5), (3.0, 0.9)]
+
+
+def soft_thresholded_cnn(threshold: float) -> nn.Module:
+    """A single-head small CNN (every layer in every forward pass) with ltp's soft thresholds."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("small_cnn", 4, (1, 28, 28), "class", [[0, 1], [2, 3]]))
+    ltp.attach(model, threshold, temperature=0.05)
+    return model
+
+
+def test_ltp_thresholds_are_parameters_trained_by_the_task_loss_and_raised_by_the_l0_term():
+    model = soft_thresholded_cnn(1.0)
+    thresholds = [soft.threshold for _, soft in ltp.thresholds(model)]
+    assert len(thresholds) == 3 and {id(t) for t in thresholds} <= {id(p) for p in model.parameters()}
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 4, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    assert all(t.grad.isfinite() and t.grad != 0 for t in thresholds)
+    model.zero_grad()
+    ltp.kept_share(model).backward()
+    assert all(t.grad < 0 for t in thresholds)  # a higher threshold keeps fewer weights
+
+
+def test_ltp_passes_the_task_gradient_to_a_weight_scaled_by_its_mask():
+    """The paper's dv/dw = mask: without the soft mask's slope, which made EWC diverge."""
+    model = soft_thresholded_cnn(1.0)
+    (weight, soft), layer = ltp.thresholds(model)[0], ltp.pruned_layers(model)[0]
+    upstream = torch.randn_like(weight)
+    (layer.weight * upstream).sum().backward()
+    torch.testing.assert_close(weight.grad, upstream * soft.mask(weight).detach())
+
+
+def test_ltp_deploys_exact_zeros_below_the_thresholds_and_leaves_the_trained_network_as_it_was():
+    model = soft_thresholded_cnn(1.0)  # tau = the mean squared weight: 1/sqrt(3) of uniform weights below it
+    x = torch.rand(8, 1, 28, 28)
+    soft_output = model(x)
+    pruned = ltp.deployed(model, 0.0, 0.05)
+    zeros = total = 0
+    for (weight, soft), layer in zip(ltp.thresholds(model), ltp.pruned_layers(pruned)):
+        assert not parametrize.is_parametrized(layer)
+        below = weight.pow(2) < soft.threshold * soft.scale
+        assert torch.equal(layer.weight, torch.where(below, 0.0, weight))  # kept weights unscaled
+        zeros, total = zeros + below.sum().item(), total + below.numel()
+    assert 0.5 < zeros / total < 0.65
+    torch.testing.assert_close(model(x), soft_output)  # the copy's pruning did not reach the original
+    assert not torch.allclose(pruned(x), soft_output)
+
+
+def test_ltp_holds_a_target_sparsity_and_measures_the_deployed_network(tiny_scenario, tmp_path):
+    config = RunConfig(scenario=tiny_scenario, width=8, results_dir=str(tmp_path),
+                       modules=[{"name": "ltp", "target_sparsity": 0.5, "l0_weight": 5}])
+    run_dir = run(config).run_dir  # five tasks of two digits
+    table = pd.read_csv(run_dir / "metrics.csv").query("task.isna()").set_index(["metric", "step"]).value
+    for step in range(1, 6):
+        assert abs(table["sparsity@ltp", step] - 0.5) < 0.05
+    # The hard-pruned network predicts nearly as the soft-thresholded one it was trained as
+    # (each task has 40 test images: one image is 0.025).
+    deployed = matrix(run_dir, "accuracy_matrix@ltp.csv")
+    assert deployed.iloc[0, 0] > 0.9 and (deployed - matrix(run_dir)).abs().to_numpy().mean() < 0.03
+    # Half the weights at 32 bits, a bit each for where they are: about 17/32 of the float size.
+    assert 0.5 < table["model_size_bits@ltp", 5] / (8 * table["model_size_bytes", 5]) < 0.6
+    # Unstructured zeros are still multiplied: the dense count.
+    assert table["executed_macs@ltp", 5] == table["executed_macs", 5]
+
+
+def test_ltp_end_to_end_from_the_command_line_with_ptq_quantising_its_pruned_weights(tiny_scenario, tmp_path):
+    assert main(["run", "--scenario", tiny_scenario, "--classes-per-task", "5", "--width", "4", "--module",
+                 "ltp:l0_weight=5", "--module", "ptq:bits=[8],granularity=[per_channel]",
+                 "--results-dir", str(tmp_path)]) == 0
+    run_dir = tmp_path / tiny_scenario / "task" / "naive" / "seed0"
+    assert (run_dir / "accuracy_matrix@ltp.csv").exists()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["modules"][0] == {
+        "name": "ltp", "temperature": 0.05, "l0_weight": 5.0, "initial_threshold": 0.0, "target_sparsity": None}
+    table = pd.read_csv(run_dir / "metrics.csv").query("task.isna()").set_index(["metric", "step"]).value
+    assert table["sparsity@ltp", 2] > 0.3
+    # ptq quantises the weights as evaluated, soft-thresholded: the pruned ones round to zero.
+    assert abs(table["sparsity@w8a8_per_channel", 2] - table["sparsity@ltp", 2]) < 0.05
+
+
+def test_an_ltp_run_resumes_from_its_checkpoint_as_if_never_interrupted(tiny_scenario, tmp_path, capsys):
+    reference = run_dir_of(tiny_scenario, tmp_path / "a", modules=["ltp"])
+    config = RunConfig(scenario=tiny_scenario, results_dir=str(tmp_path / "b"), modules=["ltp"], **TWO_TASKS)
+    run_until_first_checkpoint(config)
+    capsys.readouterr()
+    resumed = run(config).run_dir
+    assert "after task 1" in capsys.readouterr().err
+    for name in ("accuracy_matrix.csv", "accuracy_matrix@ltp.csv"):
+        assert (resumed / name).read_text() == (reference / name).read_text()
