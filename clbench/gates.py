@@ -62,9 +62,10 @@ class GatedLayer(PathLayer):
         return [self, *self.gates[task].modules()]  # self: `allowed`
 
     def mask_frozen_gradients(self) -> None:
+        frozen = self.frozen.nonzero().flatten()  # once, not once per parameter as a boolean index would
         for parameter in self.kernel_parameters():
             if parameter.grad is not None:
-                parameter.grad[self.frozen] = 0
+                parameter.grad.index_fill_(0, frozen, 0)
 
     def freeze(self, task: int, used: torch.Tensor) -> None:
         """Task `task` is learned: its gates may only open `used` kernels, which are frozen."""

@@ -37,8 +37,8 @@ class TrainingSetup:
     """The run's training options, as every strategy's Avalanche template takes them.
 
     `plugins` are clbench's own (the progress bar, which also counts iterations whose
-    loss is not finite): pass them on through `template_kwargs`, or the run reports no
-    divergence."""
+    loss is not finite, and `clbench.loading.InMemoryBatches`): pass them on through
+    `template_kwargs`, or the run reports no divergence and loads in-memory data slowly."""
 
     make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]  # the run's --optimizer, --lr, --momentum
     criterion: torch.nn.Module

@@ -1,0 +1,65 @@
+"""What the scripts under `benchmarks/` share: Split-MNIST-like scenarios of any number of
+tasks from the embedded MNIST subset, the columns that say where a measurement was
+taken, and writing their tables."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from clbench.datasets.images import ImageArrayDataset
+from clbench.datasets.loaders import load_split_mnist_mini
+from clbench.datasets.scenarios import SCENARIOS
+from clbench.results import git_commit
+from clbench.sweep import available_cores
+
+
+def split_mnist_mini_tasks(tasks: int, train_per_class: int, test_per_class: int) -> str:
+    """Registers a Split-MNIST-like scenario of `tasks` (a multiple of 5) two-digit tasks
+    built from the embedded MNIST subset and returns its name. Task k holds digits
+    2(k mod 5) and 2(k mod 5) + 1 under pixel permutation k // 5, the first five tasks
+    being Split MNIST's, unpermuted; each digit under each permutation is a class of its
+    own. Each digit keeps its first `train_per_class` / `test_per_class` images."""
+    if tasks % 5:
+        raise ValueError(f"tasks must be a multiple of 5, not {tasks}")
+    permutations = [torch.arange(28 * 28)] + [torch.randperm(28 * 28, generator=torch.Generator().manual_seed(p))
+                                              for p in range(1, tasks // 5)]
+
+    def permuted(split: ImageArrayDataset, per_class: int) -> ImageArrayDataset:
+        targets = torch.tensor(split.targets)
+        kept = torch.cat([torch.nonzero(targets == digit).flatten()[:per_class] for digit in range(10)])
+        pixels, targets = split.images[kept].flatten(1), targets[kept]
+        return ImageArrayDataset(torch.cat([pixels[:, order].view(-1, 1, 28, 28) for order in permutations]),
+                                 torch.cat([targets + 10 * p for p in range(len(permutations))]))
+
+    def load(root, cache):
+        train, test, _ = load_split_mnist_mini(root, cache)
+        return (permuted(train, train_per_class), permuted(test, test_per_class),
+                f"embedded MNIST subset, {train_per_class} / {test_per_class} images per digit, {len(permutations)} "
+                "pixel permutations")
+
+    name = f"split_mnist_mini_{tasks}tasks_{train_per_class}_{test_per_class}"
+    SCENARIOS[name] = dataclasses.replace(SCENARIOS["split_mnist_mini"], name=name, n_classes=2 * tasks, load=load,
+                                          description=f"{tasks} Split-MNIST-like tasks (benchmarks only)")
+    return name
+
+
+def machine_columns() -> dict:
+    """The machine, its cores, PyTorch's threads and the versions, for every CSV row."""
+    return {"machine": platform.processor() or platform.machine(), "cores": available_cores(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+            "avalanche": metadata.version("avalanche-lib"), "clbench_commit": git_commit()}
+
+
+def write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"written: {path}")
