@@ -194,6 +194,13 @@ def test_click_usage_errors_exit_2(capsys):
     assert main(["run", "--epochs", "many"]) == 2
 
 
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys, where not even root may make folders")
+def test_a_results_dir_nobody_may_write_is_one_line_and_exit_code_2(capsys):
+    assert main(["run", "--results-dir", "/sys/kernel/clbench-runs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Operation not permitted" in err and "choose a writable --results-dir" in err and "\n" not in err
+
+
 def test_missing_data_offline_in_a_fresh_process(tmp_path):
     """Exit code 2, one line naming the files, no traceback (network forced unreachable)."""
     code = ("import sys, clbench.datasets.loaders as d; d.network_reachable = lambda url, timeout=3.0: False;"
