@@ -23,27 +23,23 @@ Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on
 from __future__ import annotations
 
 import argparse
-import csv
-import platform
 import statistics
 import tempfile
 import time
-from importlib import metadata
 from itertools import product
 from pathlib import Path
 
 import torch
+from clbench.datasets.scenarios import build_scenario
 from torch import nn
 
 from clbench import checkpoint
+from clbench.benchmarking import machine_columns, write_csv
 from clbench.config import RunConfig
-from clbench.datasets.scenarios import build_scenario
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
 from clbench.registry import get_strategy
-from clbench.results import git_commit
 from clbench.runner import dense_macs, run
-from clbench.sweep import available_cores
 
 RESULTS = Path(__file__).parent / "results" / "gated_inference.csv"
 TASKS = 5
@@ -102,14 +98,14 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
 
 def timings(runs: dict, rounds: int, repeats: int) -> dict[str, list[float]]:
     """Seconds per batch of each run, `rounds` times, the runs interleaved."""
-    for run in runs.values():  # warm up (and cut the compact paths)
-        run()
+    for execute in runs.values():  # warm up (and cut the compact paths)
+        execute()
     times = {name: [] for name in runs}
     for _ in range(rounds):
-        for name, run in runs.items():
+        for name, execute in runs.items():
             start = time.perf_counter()
             for _ in range(repeats):
-                run()
+                execute()
             times[name].append((time.perf_counter() - start) / repeats)
     return times
 
@@ -128,9 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     networks = [("small_cnn", 4 if args.tiny else 32, (1, 28, 28)), ("resnet18", 4 if args.tiny else 16, (3, 32, 32))]
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    machine = {"machine": platform.processor() or platform.machine(), "cores": available_cores(),
-               "torch_threads": args.threads, "python": platform.python_version(), "torch": torch.__version__,
-               "avalanche": metadata.version("avalanche-lib"), "clbench_commit": git_commit()}
+    machine = machine_columns()
     rows = []
     try:
         for (backbone, width, shape), gates, setting in product(networks, ("trained", "random"), ("task", "class")):
@@ -150,8 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     times = timings(runs, rounds, repeats)
                 for name, measured in times.items():
                     rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
-                                 "batch": batch,
-                                 "execution": name, "best_ms": round(1e3 * min(measured), 3),
+                                 "batch": batch, "execution": name, "best_ms": round(1e3 * min(measured), 3),
                                  "median_ms": round(1e3 * statistics.median(measured), 3),
                                  "macs_per_sample": round(macs[name]),
                                  "speedup_measured": round(min(times["dense"]) / min(measured), 2),
@@ -160,12 +153,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     finally:
         torch.set_num_threads(threads)
     print_table(rows)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.output, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"written: {args.output}")
+    write_csv(rows, COLUMNS, args.output)
     return rows
 
 

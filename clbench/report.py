@@ -91,13 +91,12 @@ def variants_table(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for variant in ["", *variants]:
         at = f"@{variant}" if variant else ""
-        size = ((column("model_size_bits" + at + "_mean"), column("model_size_bits" + at + "_std")) if variant
-                else (8 * column("model_size_bytes_mean"), 8 * column("model_size_bytes_std")))
         shown = keys.assign(variant=variant)
         for metric, name in (("average_accuracy", "accuracy"), ("average_forgetting", "forgetting"),
                              ("model_size_bits", "size (Mbit)"), ("sparsity", "sparsity")):
-            means, stds = size if metric == "model_size_bits" else (column(metric + at + "_mean"),
-                                                                    column(metric + at + "_std"))
+            means, stds = column(metric + at + "_mean"), column(metric + at + "_std")
+            if metric == "model_size_bits" and not variant:  # the trained model's size is in bytes
+                means, stds = 8 * column("model_size_bytes_mean"), 8 * column("model_size_bytes_std")
             shown[name] = [format_mean_std(m, s, metric) for m, s in zip(means, stds)]
         rows.append(shown[column("average_accuracy" + at + "_mean").notna()])
     return pd.concat(rows).sort_index(kind="stable").reset_index(drop=True)

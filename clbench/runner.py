@@ -278,8 +278,6 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
     # Only now, with every input checked, does a run folder appear.
     folder = results.start_run(cfg)
     started = time.time()
-    progress = TrainingProgress()
-    setup = training_setup(cfg, progress, module_plugins)
     evaluate_model = partial(evaluate, scenario=scenario, batch_size=cfg.eval_batch_size, device=cfg.device)
     train_stream = scenario.benchmark.train_stream
 
@@ -291,10 +289,13 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
                                       scenario.n_tasks)
 
     resumed = checkpoint.load(folder, scenario)
-    if resumed:  # the template, its plugins (this progress bar too) and the generators as they were
+    # A resumed trainer has its own plugins (this progress bar too) and the generators as
+    # they were; the setup is for templates built later (joint).
+    progress = (next(plugin for plugin in resumed["trainer"].plugins if isinstance(plugin, TrainingProgress))
+                if resumed else TrainingProgress())
+    setup = training_setup(cfg, progress, module_plugins)
+    if resumed:
         trainer, state = resumed["trainer"], resumed["progress"]
-        progress = next(plugin for plugin in trainer.plugins if isinstance(plugin, TrainingProgress))
-        setup = training_setup(cfg, progress, module_plugins)  # for templates built later (joint); the trainer has its own
         print(f"resuming {folder} after task {len(state['after_each_task'])}", file=sys.stderr)
     else:
         state = {"started": started, "before_training": evaluate_all(model, 0), "after_each_task": [],
