@@ -6,6 +6,9 @@ embedded Split MNIST subset (in-memory tensors, task setting, batch 32, one epoc
 images per digit with `--tiny`), with the small CNN and a narrow ResNet-18:
 - bare: `for x, y, t in DataLoader(TensorDataset(x, y, t), shuffle=True)`, then
   zero_grad, forward, cross-entropy, backward and an SGD step (lr 0.01, momentum 0.9);
+- bare_nchw: the same with PyTorch's default (NCHW) layout instead of the channels-last
+  one every clbench backbone runs in (`clbench.models.channels_last` off): what that
+  layout buys;
 - avalanche_naive: Avalanche's `Naive` template with its own data loader and an
   evaluator without metrics or loggers, same optimiser;
 - naive, ewc, ccgn: clbench's strategies as `clbench run` builds them (registry, the
@@ -33,6 +36,7 @@ import statistics
 import time
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 from avalanche.training import Naive
@@ -77,6 +81,15 @@ def bare_loop(spec: ModelSpec, tasks: list[tuple[torch.Tensor, ...]], batch: int
     return train
 
 
+def nchw(train: Run) -> Run:
+    """`train` with the backbones left in PyTorch's default layout."""
+    def run() -> int:
+        with mock.patch("clbench.models.channels_last", lambda images: images):
+            return train()
+
+    return run
+
+
 def template_run(trainer, experiences) -> Run:
     def train() -> int:
         for experience in experiences:
@@ -105,6 +118,7 @@ def variants(spec: ModelSpec, experiences, batch: int) -> dict[str, Callable[[],
     """Each variant's builder of a fresh, seeded training run."""
     tasks = [next(iter(DataLoader(e.dataset.train(), batch_size=len(e.dataset)))) for e in experiences]
     builders = {"bare": lambda: bare_loop(spec, tasks, batch),
+                "bare_nchw": lambda: nchw(bare_loop(spec, tasks, batch)),
                 "avalanche_naive": lambda: avalanche_naive(spec, experiences, batch)}
     builders.update({name: lambda name=name: clbench_strategy(name, spec, experiences, batch)
                      for name in CLBENCH_VARIANTS})

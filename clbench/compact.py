@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clbench.models import channels_last
 from clbench.path_network import PathBasicBlock, PathLayer, PathResNet18, PathSmallCNN, TaskPathNet, masked_macs
 
 
@@ -102,7 +103,7 @@ class CompactSmallCNN:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept features and MACs per sample."""
-        active, macs = torch.ones(len(x), self.in_channels, device=x.device), 0
+        x, active, macs = channels_last(x), torch.ones(len(x), self.in_channels, device=x.device), 0
         for index, layer in enumerate(self.layers):
             if index == 2:
                 x = x.flatten(1)
@@ -155,7 +156,7 @@ class CompactResNet18:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept features and MACs per sample."""
-        x, active, macs = self.stem(x, torch.ones(len(x), self.in_channels, device=x.device))
+        x, active, macs = self.stem(channels_last(x), torch.ones(len(x), self.in_channels, device=x.device))
         x = F.relu(x)
         for block in self.blocks:
             x, active, block_macs = block(x, active)

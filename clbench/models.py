@@ -41,6 +41,27 @@ class ModelSpec(TaskClasses):
     task_classes: list[list[int]]  # original class ids of each task
 
 
+def channels_last(images: torch.Tensor) -> torch.Tensor:
+    """`images` in the channels-last layout, and so every conv and pooling output after
+    them: on a CPU they run 1.2-2x faster in it (`benchmarks/train_overhead.py`). Every
+    backbone, gated or not, starts with it, so it applies to every strategy alike; weights
+    keep their layout, so gradients stay contiguous (A-GEM's plugin views them flat).
+    `.to` rather than `.contiguous`: a one-channel batch is both layouts at once, and only
+    `.to` gives it channels-last strides that the first conv follows."""
+    return images.to(memory_format=torch.channels_last)
+
+
+# PyTorch 2.15's oneDNN weight gradient of a 1x1 stride-2 convolution corrupts the heap
+# (the process aborts) when its channels-last input has fewer than 8 channels: a ResNet-18
+# narrower than this, whose projection shortcuts read `width` channels, keeps PyTorch's
+# default layout.
+RESNET_CHANNELS_LAST_MIN_WIDTH = 8
+
+
+def resnet_layout(images: torch.Tensor, width: int) -> torch.Tensor:
+    return channels_last(images) if width >= RESNET_CHANNELS_LAST_MIN_WIDTH else images
+
+
 @runtime_checkable
 class CountsExecutedMacs(Protocol):
     """A model whose compute depends on its input (gated networks) returns the
@@ -67,7 +88,7 @@ class SmallCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(channels_last(x))
 
 
 class BasicBlock(nn.Module):
@@ -104,7 +125,7 @@ class ResNet18(nn.Module):
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(resnet_layout(x, self.body[0].out_channels))
 
 
 BACKBONES = {"small_cnn": SmallCNN, "resnet18": ResNet18}

@@ -21,7 +21,7 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 
 from clbench.errors import UserError
-from clbench.models import ModelSpec
+from clbench.models import ModelSpec, channels_last, resnet_layout
 
 if TYPE_CHECKING:
     from clbench.compact import CompactPath
@@ -152,7 +152,7 @@ class PathSmallCNN(nn.Module):
         ])
 
     def forward(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
-        active = torch.ones(len(x), self.in_channels, device=x.device)
+        x, active = channels_last(x), torch.ones(len(x), self.in_channels, device=x.device)
         for index, layer in enumerate(self.layers):
             if index == 2:
                 x = x.flatten(1)
@@ -209,7 +209,7 @@ class PathResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
         active = torch.ones(len(x), self.in_channels, device=x.device)
-        x, mask = self.stem(x, task, active, trace)
+        x, mask = self.stem(resnet_layout(x, self.stem.layer.out_channels), task, active, trace)
         x, active = F.relu(x), mask.detach()
         for block in self.blocks:
             x, active = block(x, task, active, trace)

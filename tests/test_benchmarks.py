@@ -22,7 +22,7 @@ def test_train_overhead_benchmark_writes_its_table(tmp_path, capsys):
     table = pd.read_csv(output)
     assert list(table.columns) == train_overhead.COLUMNS
     assert set(table.backbone) == {"small_cnn", "resnet18"}
-    assert set(table.variant) == {"bare", "avalanche_naive", "naive", "ewc", "naive_adam", "ccgn"}
+    assert set(table.variant) == {"bare", "bare_nchw", "avalanche_naive", "naive", "ewc", "naive_adam", "ccgn"}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
     assert (table[table.variant == "bare"].speed_vs_bare == 1).all()
     assert table.ccgn_vs_ungated.notna().sum() == 2

@@ -8,9 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from avalanche.models.utils import avalanche_forward
 from conftest import train_tasks
 
 from clbench.config import RunConfig
+from clbench.models import RESNET_CHANNELS_LAST_MIN_WIDTH, ModelSpec
 from clbench.registry import load_strategies
 from clbench.runner import run
 
@@ -65,3 +67,31 @@ def test_l2_penalty_holds_weights_near_the_previous_task(tiny_scenario):
         return (anchor["last"] - anchor["after_task_1"]).norm()
 
     assert drift(10.0) < 0.5 * drift(0.0)
+
+
+NETWORKS = [(name, setting, backbone) for name, setting in CASES for backbone in ("small_cnn", "resnet18")
+            if name != "packnet" or backbone == "small_cnn"]
+
+
+@pytest.mark.parametrize("name,setting,backbone", NETWORKS, ids=["-".join(case) for case in NETWORKS])
+def test_every_strategys_network_runs_channels_last(name, setting, backbone):
+    """The layout is the backbones' own choice (`clbench.models.channels_last`), so no
+    strategy's network misses it: every image-shaped output of every module (convs,
+    masked layers, PackNet's wrapped convs, pooling), in training and at test, is
+    channels-last."""
+    model = load_strategies()[name].from_hparams({}).make_model(
+        ModelSpec(backbone, RESNET_CHANNELS_LAST_MIN_WIDTH, (1, 28, 28), setting, [[0, 1], [2, 3]]))
+    layouts = []
+
+    def record(module, args, out):
+        out = out[0] if isinstance(out, tuple) else out
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[1] > 1:
+            layouts.append(out.is_contiguous(memory_format=torch.channels_last))
+
+    for module in model.modules():
+        module.register_forward_hook(record)
+    x, t = torch.rand(4, 1, 28, 28), torch.tensor([0, 0, 1, 1])
+    avalanche_forward(model.train(), x, t)
+    with torch.no_grad():
+        avalanche_forward(model.eval(), x, t)
+    assert layouts and all(layouts)
