@@ -1,9 +1,17 @@
 """The training benchmarks under `benchmarks/` run on a tiny size and write their tables."""
 
 import importlib.util
+import sys
+from itertools import product
 from pathlib import Path
 
 import pandas as pd
+import torch
+
+import clbench.compact  # noqa: F401  (a module that converts images, loaded for the check below)
+from clbench import models
+from clbench.models import ModelSpec
+from clbench.registry import get_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +48,35 @@ def test_scaling_benchmark_writes_its_table(tmp_path, capsys):
     assert (table.train_s_per_task > 0).all() and (table.eval_s_last_step > 0).all()
     assert (table.peak_rss_mb >= table.start_rss_mb).all() and (table.start_rss_mb > 0).all()
     assert "peak RSS" in capsys.readouterr().out
+
+
+def test_channels_last_effect_benchmark_writes_its_table(tmp_path):
+    effect = benchmark("channels_last_effect")
+    output = tmp_path / "channels_last_effect.csv"
+    effect.main(["--tiny", "--threads", "1", "--output", str(output)])
+    table = pd.read_csv(output)
+    assert list(table.columns) == effect.COLUMNS
+    assert list(zip(table.setting, table.strategy)) == [("task", "naive"), ("class", "ccgn")]
+    assert ((table.nchw_s > 0) & (table.channels_last_s > 0)).all()
+    accuracies = table[["final_accuracy_nchw", "final_accuracy_channels_last"]].to_numpy()
+    assert ((accuracies > 0) & (accuracies <= 1)).all()
+
+
+def test_the_nchw_baseline_of_the_channels_last_benchmark_patches_every_conversion():
+    """Its baseline is NCHW only if every module that converts images is patched: those
+    holding `channels_last` are its USERS, and under the patch no conv sees a
+    channels-last input, dense or masked."""
+    effect = benchmark("channels_last_effect")
+    holders = {name for name, module in list(sys.modules.items())
+               if name.startswith("clbench") and getattr(module, "channels_last", None) is models.channels_last}
+    assert holders == set(effect.USERS)
+    for strategy, backbone in product(["naive", "ccgn"], ["small_cnn", "resnet18"]):
+        model = get_strategy(strategy).from_hparams({}).make_model(
+            ModelSpec(backbone, 8, (3, 32, 32), "task", [[0, 1]]))
+        inputs = []
+        for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
+            conv.register_forward_pre_hook(lambda module, args: inputs.append(args[0].is_contiguous()))
+        x, t = torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
+        with effect.layout("nchw"):
+            model.forward_path(x, 0) if strategy == "ccgn" else model(x, t)
+        assert inputs and all(inputs)
