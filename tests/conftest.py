@@ -1,4 +1,5 @@
 import dataclasses
+import importlib.util
 from functools import partial
 from pathlib import Path
 
@@ -14,7 +15,18 @@ from clbench.models import ModelSpec
 from clbench.registry import TrainingSetup
 from clbench.runner import run
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def load_script(folder: str, name: str):
+    """`<folder>/<name>.py` of the repository (benchmarks/, scripts/), imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 needs_shared_data = pytest.mark.skipif(
     not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found at {SHARED_DATA} (only on the team's machines)")
 

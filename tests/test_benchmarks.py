@@ -1,26 +1,19 @@
 """The training benchmarks under `benchmarks/` run on a tiny size and write their tables."""
 
-import importlib.util
 import sys
+from functools import partial
 from itertools import product
-from pathlib import Path
 
 import pandas as pd
 import torch
+from conftest import load_script
 
 import clbench.compact  # noqa: F401  (a module that converts images, loaded for the check below)
 from clbench import models
 from clbench.models import ModelSpec
 from clbench.registry import get_strategy
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+benchmark = partial(load_script, "benchmarks")
 
 
 def test_train_overhead_benchmark_writes_its_table(tmp_path, capsys):

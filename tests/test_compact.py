@@ -3,21 +3,17 @@ masked layers, never out of date, never where gradients or training need the mas
 layers; and the benchmark that times it."""
 
 import copy
-import importlib.util
 import pickle
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from conftest import train_tasks
+from conftest import load_script, train_tasks
 from torch import nn
 
 from clbench.gates import GatedLayer
 from clbench.models import ModelSpec
 from clbench.registry import get_strategy
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def learned_model(strategy: str, backbone: str, setting: str) -> nn.Module:
@@ -178,9 +174,7 @@ def test_copies_and_checkpoints_leave_the_compact_paths_out(strategy):
 
 
 def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("gated_inference", ROOT / "benchmarks" / "gated_inference.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmarks", "gated_inference")
     output = tmp_path / "gated_inference.csv"
     benchmark.main(["--tiny", "--threads", "1", "--output", str(output), "--trained-on", tiny_scenario])
     table = pd.read_csv(output)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from clbench.modules import ltp, ptq
-from conftest import run_until_first_checkpoint
+from conftest import load_script, run_until_first_checkpoint
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -287,6 +287,12 @@ def test_ltp_holds_a_target_sparsity_and_measures_the_deployed_network(tiny_scen
     assert 0.5 < table["model_size_bits@ltp", 5] / (8 * table["model_size_bytes", 5]) < 0.6
     # Unstructured zeros are still multiplied: the dense count.
     assert table["executed_macs@ltp", 5] == table["executed_macs", 5]
+    # scripts/module_trajectory.py reads the same metrics, task after task.
+    row = load_script("scripts", "module_trajectory").trajectory(run_dir, "ltp")
+    assert row["modules"] == "ltp:l0_weight=5.0,target_sparsity=0.5"
+    assert [row[f"sparsity {step}"] for step in range(1, 6)] == [
+        round(table["sparsity@ltp", step], 3) for step in range(1, 6)]
+    assert row["accuracy 1"] == round(deployed.iloc[0, 0], 3)
 
 
 def test_ltp_end_to_end_from_the_command_line_with_ptq_quantising_its_pruned_weights(tiny_scenario, tmp_path):
