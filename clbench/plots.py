@@ -108,7 +108,7 @@ def confusion_fractions(table: pd.DataFrame) -> pd.DataFrame:
     """The last step of a task_confusion.csv as fractions of each true task's test samples."""
     last = table[table.after_task == table.after_task.max()]
     counts = last.pivot_table(index="true_task", columns="predicted_task", values="samples", aggfunc="sum")
-    return counts.div(counts.sum(1), axis=0)
+    return counts.div(counts.sum(axis=1), axis=0)
 
 
 def task_confusion_heatmap(table: pd.DataFrame, title: str, path: Path) -> None:

@@ -1,12 +1,13 @@
 """The training benchmarks under `benchmarks/` run on a tiny size and write their tables."""
 
+import subprocess
 import sys
 from functools import partial
 from itertools import product
 
 import pandas as pd
 import torch
-from conftest import load_script
+from conftest import ROOT, load_script
 
 import clbench.compact  # noqa: F401  (a module that converts images, loaded for the check below)
 from clbench import models
@@ -73,3 +74,15 @@ def test_the_nchw_baseline_of_the_channels_last_benchmark_patches_every_conversi
         with effect.layout("nchw"):
             model.forward_path(x, 0) if strategy == "ccgn" else model(x, t)
         assert inputs and all(inputs)
+
+
+def test_the_nchw_baseline_leaves_channels_last_behind_in_a_fresh_process():
+    """Patching before the modules holding the conversion are imported would leave one of
+    them NCHW for good (it would import the patched function and keep it when the patch
+    ends); the benchmark's first case runs before anything imported them."""
+    check = ("import sys; sys.path.insert(0, 'benchmarks'); import channels_last_effect as effect\n"
+             "with effect.layout('nchw'): pass\n"
+             "import clbench.compact, clbench.models, clbench.path_network\n"
+             "assert clbench.path_network.channels_last is clbench.models.channels_last\n"
+             "assert clbench.compact.channels_last is clbench.models.channels_last\n")
+    subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True)
