@@ -14,17 +14,15 @@ Usage: python benchmarks/channels_last_effect.py [--threads 1] [--tiny]
 from __future__ import annotations
 
 import argparse
-import importlib
 import tempfile
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from unittest import mock
 
 import pandas as pd
 import torch
 
-from clbench.benchmarking import machine_columns, split_mnist_mini_tasks, write_csv
+from clbench.benchmarking import layout, machine_columns, split_mnist_mini_tasks, torch_threads, write_csv
 from clbench.config import RunConfig
 from clbench.runner import run
 
@@ -35,22 +33,6 @@ CASES += [("class", strategy, {}) for strategy in ("naive", "replay", "icarl", "
 COLUMNS = ["setting", "strategy", "modules", "nchw_s", "channels_last_s", "speedup", "max_cell_difference",
            "final_accuracy_nchw", "final_accuracy_channels_last", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
-# Every module that calls the conversion holds its own name for it.
-USERS = ("clbench.models", "clbench.path_network", "clbench.compact")
-
-
-def layout(name: str) -> ExitStack:
-    """A context in which the backbones run in layout `name` ("nchw": the conversion
-    patched out)."""
-    stack = ExitStack()
-    if name == "nchw":
-        for module in USERS:  # imported first: one imported under the patch would keep it
-            importlib.import_module(module)
-        for module in USERS:
-            stack.enter_context(mock.patch(f"{module}.channels_last", lambda images: images))
-    return stack
-
-
 def timed_run(cfg: RunConfig, name: str) -> tuple[float, pd.DataFrame]:
     with layout(name):
         start = time.perf_counter()
@@ -68,10 +50,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     cases = CASES[:1] + CASES[-2:-1] if args.tiny else CASES
     scenario = split_mnist_mini_tasks(5, 32, 8) if args.tiny else "split_mnist_mini"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     rows = []
-    try:
+    with torch_threads(args.threads):
         machine = machine_columns()
         with tempfile.TemporaryDirectory() if args.work is None else nullcontext(args.work) as work:
             for setting, strategy, options in cases:
@@ -89,8 +69,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "final_accuracy_channels_last": round(float(last_matrix.iloc[-1].mean()), 4),
                              **machine})
                 print(" ".join(f"{key}={rows[-1][key]}" for key in COLUMNS[:9]), flush=True)
-    finally:
-        torch.set_num_threads(threads)
     write_csv(rows, COLUMNS, args.output)
     return rows
 

@@ -34,7 +34,7 @@ from clbench.datasets.scenarios import build_scenario
 from torch import nn
 
 from clbench import checkpoint
-from clbench.benchmarking import machine_columns, write_csv
+from clbench.benchmarking import machine_columns, torch_threads, write_csv
 from clbench.config import RunConfig
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
@@ -122,11 +122,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     rounds, repeats = (2, 1) if args.tiny else (args.rounds, args.repeats)
     networks = [("small_cnn", 4 if args.tiny else 32, (1, 28, 28)), ("resnet18", 4 if args.tiny else 16, (3, 32, 32))]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    machine = machine_columns()
     rows = []
-    try:
+    with torch_threads(args.threads):
+        machine = machine_columns()
         for (backbone, width, shape), gates, setting in product(networks, ("trained", "random"), ("task", "class")):
             if gates == "trained" and backbone != "small_cnn":
                 continue
@@ -150,8 +148,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  "speedup_measured": round(min(times["dense"]) / min(measured), 2),
                                  "speedup_macs": round(macs["dense"] / macs[name], 2),
                                  "rounds": rounds, "repeats": repeats, **machine})
-    finally:
-        torch.set_num_threads(threads)
     print_table(rows)
     write_csv(rows, COLUMNS, args.output)
     return rows

@@ -42,7 +42,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from clbench.benchmarking import machine_columns, split_mnist_mini_tasks, write_csv
+from clbench.benchmarking import machine_columns, split_mnist_mini_tasks, torch_threads, write_csv
 from clbench.config import RunConfig
 from clbench.runner import run
 
@@ -103,10 +103,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     train_per_class, test_per_class, width = (8, 4, 4) if args.tiny else (
         args.train_per_class, args.test_per_class, args.width)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     rows = []
-    try:
+    with torch_threads(args.threads):
         machine = machine_columns()
         with tempfile.TemporaryDirectory() as folder:
             for tasks in args.tasks:
@@ -127,8 +125,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      "train_per_class": train_per_class, "test_per_class": test_per_class,
                                      "width": width, **machine})
                         print_row(rows[-1])
-    finally:
-        torch.set_num_threads(threads)
     write_csv(rows, COLUMNS, args.output)
     return rows
 

@@ -36,7 +36,6 @@ import statistics
 import time
 from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import torch
 from avalanche.training import Naive
@@ -45,7 +44,7 @@ from clbench.datasets.scenarios import build_scenario
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from clbench.benchmarking import machine_columns, split_mnist_mini_tasks, write_csv
+from clbench.benchmarking import layout, machine_columns, split_mnist_mini_tasks, torch_threads, write_csv
 from clbench.config import RunConfig
 from clbench.models import ModelSpec, build_model
 from clbench.registry import get_strategy
@@ -84,7 +83,7 @@ def bare_loop(spec: ModelSpec, tasks: list[tuple[torch.Tensor, ...]], batch: int
 def nchw(train: Run) -> Run:
     """`train` with the backbones left in PyTorch's default layout."""
     def run() -> int:
-        with mock.patch("clbench.models.channels_last", lambda images: images):
+        with layout("nchw"):
             return train()
 
     return run
@@ -166,20 +165,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rounds = 2 if args.tiny else args.rounds
     networks = [("small_cnn", 4 if args.tiny else RunConfig().width),
                 ("resnet18", 2 if args.tiny else args.resnet_width)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     scenario = build_scenario(split_mnist_mini_tasks(5, 32, 8) if args.tiny else "split_mnist_mini", "task")
     experiences = scenario.benchmark.train_stream[:args.tasks]
     rows = []
-    try:
+    with torch_threads(args.threads):
         machine = machine_columns()
         for backbone, width in networks:
             spec = ModelSpec(backbone, width, scenario.spec.input_shape, "task", scenario.task_classes)
             cpu, wall, iterations = timings(variants(spec, experiences, args.batch), rounds)
             rows += [{"backbone": backbone, "width": width, **row, "tasks": args.tasks, "batch": args.batch,
                       "rounds": rounds, **machine} for row in variant_rows(cpu, wall, iterations)]
-    finally:
-        torch.set_num_threads(threads)
     print_table(rows)
     write_csv(rows, COLUMNS, args.output)
     return rows

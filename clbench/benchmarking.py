@@ -1,16 +1,26 @@
 """What the scripts under `benchmarks/` share: Split-MNIST-like scenarios of any number of
-tasks from the embedded MNIST subset, the columns that say where a measurement was
-taken, and writing their tables."""
+tasks from the embedded MNIST subset, PyTorch's thread count and the backbones' memory
+layout while they measure, the columns that say where a measurement was taken, and
+writing their tables."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import platform
+from contextlib import ExitStack, contextmanager
 from importlib import metadata
 from pathlib import Path
+from unittest import mock
 
 import torch
+
+# Every module that converts images to channels-last holds its own name for
+# `clbench.models.channels_last`: all are imported here, before `layout` patches them (one
+# imported under the patch would keep the patched function for good).
+import clbench.compact  # noqa: F401
+import clbench.models  # noqa: F401
+import clbench.path_network  # noqa: F401
 
 from clbench.datasets.images import ImageArrayDataset
 from clbench.datasets.loaders import load_split_mnist_mini
@@ -47,6 +57,31 @@ def split_mnist_mini_tasks(tasks: int, train_per_class: int, test_per_class: int
     SCENARIOS[name] = dataclasses.replace(SCENARIOS["split_mnist_mini"], name=name, n_classes=2 * tasks, load=load,
                                           description=f"{tasks} Split-MNIST-like tasks (benchmarks only)")
     return name
+
+
+LAYOUT_USERS = ("clbench.models", "clbench.path_network", "clbench.compact")
+
+
+def layout(name: str) -> ExitStack:
+    """A context in which the backbones run in layout `name`: "channels_last" (clbench's)
+    or "nchw" (PyTorch's default: the conversion patched out)."""
+    stack = ExitStack()
+    if name == "nchw":
+        for module in LAYOUT_USERS:
+            stack.enter_context(mock.patch(f"{module}.channels_last", lambda images: images))
+    return stack
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """PyTorch's thread count set to `threads` (a benchmark's --threads) while the context
+    is open."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def machine_columns() -> dict:

@@ -9,8 +9,8 @@ import pandas as pd
 import torch
 from conftest import ROOT, load_script
 
-import clbench.compact  # noqa: F401  (a module that converts images, loaded for the check below)
 from clbench import models
+from clbench.benchmarking import LAYOUT_USERS, layout
 from clbench.models import ModelSpec
 from clbench.registry import get_strategy
 
@@ -56,14 +56,13 @@ def test_channels_last_effect_benchmark_writes_its_table(tmp_path):
     assert ((accuracies > 0) & (accuracies <= 1)).all()
 
 
-def test_the_nchw_baseline_of_the_channels_last_benchmark_patches_every_conversion():
-    """Its baseline is NCHW only if every module that converts images is patched: those
-    holding `channels_last` are its USERS, and under the patch no conv sees a
-    channels-last input, dense or masked."""
-    effect = benchmark("channels_last_effect")
+def test_the_nchw_layout_of_the_benchmarks_patches_every_conversion():
+    """The benchmarks' NCHW baseline is NCHW only if every module that converts images is
+    patched: those holding `channels_last` are LAYOUT_USERS, and under the patch no conv
+    sees a channels-last input, dense or masked."""
     holders = {name for name, module in list(sys.modules.items())
                if name.startswith("clbench") and getattr(module, "channels_last", None) is models.channels_last}
-    assert holders == set(effect.USERS)
+    assert holders == set(LAYOUT_USERS)
     for strategy, backbone in product(["naive", "ccgn"], ["small_cnn", "resnet18"]):
         model = get_strategy(strategy).from_hparams({}).make_model(
             ModelSpec(backbone, 8, (3, 32, 32), "task", [[0, 1]]))
@@ -71,17 +70,17 @@ def test_the_nchw_baseline_of_the_channels_last_benchmark_patches_every_conversi
         for conv in (m for m in model.modules() if isinstance(m, torch.nn.Conv2d)):
             conv.register_forward_pre_hook(lambda module, args: inputs.append(args[0].is_contiguous()))
         x, t = torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
-        with effect.layout("nchw"):
+        with layout("nchw"):
             model.forward_path(x, 0) if strategy == "ccgn" else model(x, t)
         assert inputs and all(inputs)
 
 
-def test_the_nchw_baseline_leaves_channels_last_behind_in_a_fresh_process():
+def test_the_nchw_layout_leaves_channels_last_behind_in_a_fresh_process():
     """Patching before the modules holding the conversion are imported would leave one of
     them NCHW for good (it would import the patched function and keep it when the patch
-    ends); the benchmark's first case runs before anything imported them."""
-    check = ("import sys; sys.path.insert(0, 'benchmarks'); import channels_last_effect as effect\n"
-             "with effect.layout('nchw'): pass\n"
+    ends); a benchmark's first case runs before anything else imported them."""
+    check = ("from clbench.benchmarking import layout\n"
+             "with layout('nchw'): pass\n"
              "import clbench.compact, clbench.models, clbench.path_network\n"
              "assert clbench.path_network.channels_last is clbench.models.channels_last\n"
              "assert clbench.compact.channels_last is clbench.models.channels_last\n")
