@@ -23,9 +23,12 @@ def described(entry: str | dict) -> str:
     return ":".join([entry["name"], ",".join(changed)]) if changed else entry["name"]
 
 
-def trajectory(run_dir: Path, variant: str) -> dict:
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+def trajectory(run_dir: Path, variant: str) -> dict | None:
+    """The run's row, or None where it has no such variant."""
     metrics = pd.read_csv(run_dir / "metrics.csv")
+    if f"average_accuracy@{variant}" not in set(metrics.metric):
+        return None
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     per_step = metrics[metrics.task.isna()].pivot_table(index="step", columns="metric", values="value")
     modules = " ".join(described(entry) for entry in cfg.get("modules") or [])
     row = {"strategy": cfg["strategy"], "modules": modules, "seed": cfg["seed"]}
@@ -42,8 +45,7 @@ def main():
     parser.add_argument("--variant", required=True, help="the module variant, e.g. ltp or w4a4_per_channel")
     args = parser.parse_args()
     runs = sorted(path.parent for folder in args.results_dirs for path in Path(folder).rglob("COMPLETED"))
-    rows = [trajectory(run, args.variant) for run in runs
-            if f"average_accuracy@{args.variant}" in set(pd.read_csv(run / "metrics.csv").metric)]
+    rows = [row for run in runs if (row := trajectory(run, args.variant)) is not None]
     if not rows:
         raise SystemExit(f"no finished run under {' '.join(args.results_dirs)} has the variant {args.variant!r}")
     print(pd.DataFrame(rows).to_markdown(index=False))
