@@ -41,19 +41,35 @@ def widen(x: torch.Tensor, index: torch.Tensor, channels: int) -> torch.Tensor:
     return x.new_zeros(len(x), channels, *x.shape[2:]).index_copy_(1, index, x)
 
 
+# oneDNN's float convolutions on AVX2 run fastest when the output channels are a multiple
+# of 8, its register width. 64 images, one thread, channels-last, conv and then the mask
+# multiplication: 27 -> 25 channels at 14 x 14 took 2.84 ms, padded to 32 and cut back
+# 2.14 ms; 5 -> 5 at 32 x 32 1.53 ms, padded 1.22 ms.
+CHANNEL_MULTIPLE = 8
+
+
+def padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([tensor, tensor.new_zeros(rows, *tensor.shape[1:])])
+
+
 class CompactConv:
     """A conv or linear layer and its batch norm (at test) cut to channels `kept_in` in
-    and `kept_out` out."""
+    and `kept_out` out. A convolution computes its output channels padded with zero ones
+    to a multiple of `CHANNEL_MULTIPLE` and returns a view of the kept ones, which the
+    mask multiplication after it makes dense: the next layer reads only the kept ones."""
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.BatchNorm2d | None, kept_in: torch.Tensor,
                  kept_out: torch.Tensor):
-        self.weight = layer.weight.detach()[kept_out][:, kept_in]
-        self.bias = None if layer.bias is None else layer.bias.detach()[kept_out]
+        self.out_channels = len(kept_out)
+        pad = -self.out_channels % CHANNEL_MULTIPLE if isinstance(layer, nn.Conv2d) else 0
+        self.weight = padded(layer.weight.detach()[kept_out][:, kept_in], pad)
+        self.bias = None if layer.bias is None else padded(layer.bias.detach()[kept_out], pad)
         self.conv = (dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
                      if isinstance(layer, nn.Conv2d) else None)
         self.norm = None
         if norm is not None:
-            self.norm = [t.detach()[kept_out] for t in (norm.running_mean, norm.running_var, norm.weight, norm.bias)]
+            self.norm = [padded(t.detach()[kept_out], pad) for t in
+                         (norm.running_mean, norm.running_var, norm.weight, norm.bias)]
             self.eps = norm.eps
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +77,9 @@ class CompactConv:
             out = F.linear(x, self.weight, self.bias)
         else:
             out = F.conv2d(x, self.weight, self.bias, **self.conv)
-        return out if self.norm is None else F.batch_norm(out, *self.norm, training=False, eps=self.eps)
+        if self.norm is not None:
+            out = F.batch_norm(out, *self.norm, training=False, eps=self.eps)
+        return out[:, :self.out_channels]
 
 
 class CompactLayer:

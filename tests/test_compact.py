@@ -11,6 +11,7 @@ import torch
 from conftest import load_script, train_tasks
 from torch import nn
 
+from clbench.compact import CHANNEL_MULTIPLE
 from clbench.gates import GatedLayer
 from clbench.models import ModelSpec
 from clbench.registry import get_strategy
@@ -52,6 +53,13 @@ def learned_model(strategy: str, backbone: str, setting: str) -> nn.Module:
     return model.eval()
 
 
+def compact_convs(path) -> list:
+    """The `CompactConv` of each path layer of a compact backbone, in the network's order."""
+    if hasattr(path, "layers"):
+        return [layer.conv for layer in path.layers]
+    return [path.stem.conv] + [layer.conv for block in path.blocks for layer in (block.conv1, block.conv2)]
+
+
 def inputs(batch: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ccgn's gates tell apart, and task labels of learned and unlearned tasks."""
     x = torch.randn(batch, 1, 28, 28) + torch.linspace(-2, 2, batch).view(-1, 1, 1, 1)
@@ -82,8 +90,11 @@ def test_compact_paths_compute_what_the_masked_layers_do(strategy, backbone, set
     assert torch.equal(compact_macs, masked_macs)
     assert sorted(model._compact_paths) == ([0, 1, 2] if setting == "task" else [0, 1])
     path = model._compact_paths[0].backbone
-    first = path.layers[0] if backbone == "small_cnn" else path.stem
-    assert len(first.conv.weight) < model.path_layers[0].out_units
+    convs = [conv for conv in compact_convs(path) if conv.conv is not None]
+    assert all(len(conv.weight) % CHANNEL_MULTIPLE == 0 for conv in convs), "convolutions should compute padded outputs"
+    assert any(len(conv.weight) > conv.out_channels for conv in convs), "some convolution should need padding"
+    cut = [conv.out_channels for conv in compact_convs(path)]
+    assert any(n < layer.out_units for n, layer in zip(cut, model.path_layers)), "the path should be cut"
     with torch.no_grad():
         logits, trace = model.forward_path(x, 0)
     assert logits.std(0).min() > 1e-3, "outputs should differ between samples by more than the tolerance"
@@ -179,12 +190,15 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
     benchmark.main(["--tiny", "--threads", "1", "--output", str(output), "--trained-on", tiny_scenario])
     table = pd.read_csv(output)
     assert list(table.columns) == benchmark.COLUMNS
-    assert set(table.execution) == {"dense", "masked", "compact"}
+    assert set(table.execution) == {"dense", "masked", "compact", "compact_unpadded"}
     assert set(table.setting) == {"task", "class"} and set(table.backbone) == {"small_cnn", "resnet18"}
     assert set(table.query("backbone == 'small_cnn'").gates) == {"trained", "random"}
     # A trained task's path runs fewer MACs than the dense network.
     trained = table.query("gates == 'trained' and setting == 'task' and execution == 'compact'")
     assert (trained.speedup_macs > 1).all()
+    # Random gates open about half of what a task keeps: every kept channel open costs more.
+    compact = table.query("gates == 'random' and execution == 'compact'")
+    assert (compact.kept_macs_per_sample > compact.macs_per_sample).all()
     assert set(table.batch) == {1, 64}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
     assert "speed-up" in capsys.readouterr().out
