@@ -6,10 +6,11 @@ sparse gates that is as slow as the dense network.
 Each masked layer keeps the output channels of `PathLayer.kept_channels(task)` and the
 input channels its input layer kept; after a residual block with an identity shortcut a
 channel is kept where either the block's input or its second conv keeps it. Weights,
-biases, batch-norm statistics and affine parameters, the gating modules' first layer and
-the head are cut alike. A channel cut away is exactly zero in the masked network, so the
-outputs are the masked network's up to the order of float sums, and each sample's MACs
-are counted as there (the channels its mask opened).
+biases, batch norms, the gating modules' first layer and the head are cut alike, and each
+batch norm is folded into the layer before it. A channel cut away is exactly zero in the
+masked network, so the outputs are the masked network's up to the rounding of float sums
+(which could flip a gate whose logit is within rounding of 0), and each sample's MACs are
+counted as there (the channels its mask opened).
 
 A compact path remembers every tensor it was cut from (its version counter and storage)
 and `TaskPathNet` rebuilds it once any of them changed: an optimiser step,
@@ -52,34 +53,40 @@ def padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(rows, *tensor.shape[1:])])
 
 
+def folded(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module,
+           kept: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of a layer followed by channels `kept` of batch norm at test, as one
+    layer: (Wx + b - mean) * gamma / sqrt(var + eps) + beta. One operation fewer per layer."""
+    scale = norm.weight.detach()[kept] / torch.sqrt(norm.running_var[kept] + norm.eps)
+    shift = norm.bias.detach()[kept] - norm.running_mean[kept] * scale
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.view(-1, *[1] * (weight.dim() - 1)), shift
+
+
 class CompactConv:
-    """A conv or linear layer and its batch norm (at test) cut to channels `kept_in` in
-    and `kept_out` out. A convolution computes its output channels padded with zero ones
-    to a multiple of `CHANNEL_MULTIPLE` and returns a view of the kept ones, which the
-    mask multiplication after it makes dense: the next layer reads only the kept ones."""
+    """A conv or linear layer and its batch norm (folded in) at test, cut to channels
+    `kept_in` in and `kept_out` out. A convolution computes its output channels padded with
+    zero ones to a multiple of `CHANNEL_MULTIPLE` and returns a view of the kept ones, which
+    the mask multiplication after it makes dense: the next layer reads only the kept ones."""
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.BatchNorm2d | None, kept_in: torch.Tensor,
                  kept_out: torch.Tensor):
         self.out_channels = len(kept_out)
+        weight = layer.weight.detach()[kept_out][:, kept_in]
+        bias = None if layer.bias is None else layer.bias.detach()[kept_out]
+        if norm is not None:
+            weight, bias = folded(weight, bias, norm, kept_out)
         pad = -self.out_channels % CHANNEL_MULTIPLE if isinstance(layer, nn.Conv2d) else 0
-        self.weight = padded(layer.weight.detach()[kept_out][:, kept_in], pad)
-        self.bias = None if layer.bias is None else padded(layer.bias.detach()[kept_out], pad)
+        self.weight = padded(weight, pad)
+        self.bias = None if bias is None else padded(bias, pad)
         self.conv = (dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
                      if isinstance(layer, nn.Conv2d) else None)
-        self.norm = None
-        if norm is not None:
-            self.norm = [padded(t.detach()[kept_out], pad) for t in
-                         (norm.running_mean, norm.running_var, norm.weight, norm.bias)]
-            self.eps = norm.eps
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
-            out = F.linear(x, self.weight, self.bias)
-        else:
-            out = F.conv2d(x, self.weight, self.bias, **self.conv)
-        if self.norm is not None:
-            out = F.batch_norm(out, *self.norm, training=False, eps=self.eps)
-        return out[:, :self.out_channels]
+            return F.linear(x, self.weight, self.bias)
+        return F.conv2d(x, self.weight, self.bias, **self.conv)[:, :self.out_channels]
 
 
 class CompactLayer:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clbench.compact import folded
 from clbench.path_network import PathLayer, PathTrace
 
 GATE_HIDDEN = 16
@@ -89,18 +90,16 @@ class GatedLayer(PathLayer):
 class CompactGate:
     """A task's gating module at test, reading only the kept input channels (the others
     are exactly zero, so their pooled value is too) and deciding only the kept kernels
-    (all of them allowed, so no `allowed` check is left)."""
+    (all of them allowed, so no `allowed` check is left); its batch norm folded into the
+    first layer."""
 
     def __init__(self, gate: nn.Sequential, kept_in: torch.Tensor, kept_out: torch.Tensor):
         first, norm, _, last = gate
-        self.first = first.weight.detach()[:, kept_in], first.bias.detach()
-        self.norm = norm.running_mean, norm.running_var, norm.weight.detach(), norm.bias.detach()
-        self.eps = norm.eps
+        self.first = folded(first.weight.detach()[:, kept_in], first.bias.detach(), norm, slice(None))
         self.last = last.weight.detach()[kept_out], last.bias.detach()[kept_out]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.linear(x.mean((2, 3)) if x.dim() == 4 else x, *self.first)
-        hidden = F.relu(F.batch_norm(hidden, *self.norm, training=False, eps=self.eps))
+        hidden = F.relu(F.linear(x.mean((2, 3)) if x.dim() == 4 else x, *self.first))
         return (F.linear(hidden, *self.last) > 0).to(x.dtype)
 
 
