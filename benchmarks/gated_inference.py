@@ -17,7 +17,9 @@ for `--rounds` rounds of `--repeats` batches each; the best and the median time 
 batch are reported, and the speed-up over the dense backbone measured (best times)
 beside two that MAC counts promise: by the MACs clbench counts per sample (the channels
 each sample's gates open), and by the MACs of every channel the task keeps open (what an
-execution giving all samples of a batch one set of channels computes at least).
+execution giving all samples of a batch one set of channels computes at least); and how
+many distinct gate patterns the batch's samples have in each layer of the first task's
+path (column `gate_patterns`, layers separated by /).
 
 Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on SCENARIO]
 """
@@ -49,7 +51,8 @@ RESULTS = Path(__file__).parent / "results" / "gated_inference.csv"
 TASKS = 5
 ALLOWED = 0.25
 COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "macs_per_sample",
-           "speedup_measured", "speedup_macs", "kept_macs_per_sample", "speedup_kept_macs", "rounds", "repeats", "machine", "cores", "torch_threads", "python",
+           "speedup_measured", "speedup_macs", "kept_macs_per_sample", "speedup_kept_macs", "gate_patterns",
+           "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
 
 
@@ -101,6 +104,12 @@ def kept_macs(gated: TaskPathNet, x: torch.Tensor, t: torch.Tensor) -> float:
     for layer in compact_layers(model):
         layer.mask = lambda x, n=layer.conv.out_channels: x.new_ones(len(x), n)
     return model.forward_with_macs(x, t)[1].float().mean().item()
+
+
+def gate_patterns(gated: TaskPathNet, x: torch.Tensor) -> str:
+    """How many distinct gate patterns the samples of `x` have in each layer of task 0's path."""
+    _, trace = gated.forward_path(x, 0)
+    return "/".join(str(len(torch.unique(mask, dim=0))) for mask in trace.masks)
 
 
 def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Tensor) -> tuple[dict, dict]:
@@ -166,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
                 with torch.no_grad():
                     runs, macs = executions(spec, gated, x, t)
-                    kept = kept_macs(gated, x, t)
+                    kept, patterns = kept_macs(gated, x, t), gate_patterns(gated, x)
                     times = timings(runs, rounds, repeats)
                 for name, measured in times.items():
                     rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
@@ -176,6 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  "speedup_measured": round(min(times["dense"]) / min(measured), 2),
                                  "speedup_macs": round(macs["dense"] / macs[name], 2),
                                  "kept_macs_per_sample": round(kept), "speedup_kept_macs": round(macs["dense"] / kept, 2),
+                                 "gate_patterns": patterns,
                                  "rounds": rounds, "repeats": repeats, **machine})
     print_table(rows)
     write_csv(rows, COLUMNS, args.output)

@@ -42,10 +42,10 @@ def widen(x: torch.Tensor, index: torch.Tensor, channels: int) -> torch.Tensor:
     return x.new_zeros(len(x), channels, *x.shape[2:]).index_copy_(1, index, x)
 
 
-# oneDNN's float convolutions on AVX2 run fastest when the output channels are a multiple
-# of 8, its register width. 64 images, one thread, channels-last, conv and then the mask
-# multiplication: 27 -> 25 channels at 14 x 14 took 2.84 ms, padded to 32 and cut back
-# 2.14 ms; 5 -> 5 at 32 x 32 1.53 ms, padded 1.22 ms.
+# oneDNN's float convolutions and channels-last max-pooling on AVX2 run fastest at a
+# multiple of 8 channels, the register width (benchmarks/channel_counts.py, batch 64, one
+# thread): 27 -> 27 channels at 14 x 14 took 2.83 ms, 27 -> 32 2.11 ms; max-pooling 27
+# channels at 28 x 28 1.43 ms, 32 channels 0.73 ms.
 CHANNEL_MULTIPLE = 8
 
 
@@ -66,9 +66,8 @@ def folded(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module,
 
 class CompactConv:
     """A conv or linear layer and its batch norm (folded in) at test, cut to channels
-    `kept_in` in and `kept_out` out. A convolution computes its output channels padded with
-    zero ones to a multiple of `CHANNEL_MULTIPLE` and returns a view of the kept ones, which
-    the mask multiplication after it makes dense: the next layer reads only the kept ones."""
+    `kept_in` in and `kept_out` out. A convolution's output channels are padded with zero
+    ones to a multiple of `CHANNEL_MULTIPLE`, after the kept ones."""
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.BatchNorm2d | None, kept_in: torch.Tensor,
                  kept_out: torch.Tensor):
@@ -86,7 +85,7 @@ class CompactConv:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv is None:
             return F.linear(x, self.weight, self.bias)
-        return F.conv2d(x, self.weight, self.bias, **self.conv)[:, :self.out_channels]
+        return F.conv2d(x, self.weight, self.bias, **self.conv)
 
 
 class CompactLayer:
@@ -101,13 +100,20 @@ class CompactLayer:
         self.kernel = layer.layer.weight[0].numel() // layer.in_units
         self.mask_macs = layer.mask_macs
 
-    def __call__(self, x: torch.Tensor, active_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Masked output, mask and MACs per sample, as `PathLayer.forward` counts them."""
+    def __call__(self, x: torch.Tensor, active_in: torch.Tensor,
+                 padded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Masked output, mask and MACs per sample, as `PathLayer.forward` counts them. The
+        output is the kept channels, made dense by the mask multiplication; or with
+        `padded`, the convolution's padded output, masked in place."""
         mask = self.mask(x)
         out = self.conv(x)
         spatial = out.shape[2] * out.shape[3] if out.dim() == 4 else 1
         macs = masked_macs(active_in, mask, self.kernel * spatial) + self.mask_macs
-        return out * mask.view(*mask.shape, *[1] * (out.dim() - 2)), mask, macs
+        mask_shape = mask.view(*mask.shape, *[1] * (out.dim() - 2))
+        if padded:
+            out[:, :self.conv.out_channels] *= mask_shape
+            return out, mask, macs
+        return out[:, :self.conv.out_channels] * mask_shape, mask, macs
 
 
 class CompactSmallCNN:
@@ -133,10 +139,11 @@ class CompactSmallCNN:
             if index == 2:
                 x = x.flatten(1)
                 active = active.repeat_interleave(self.spatial, 1)
-            x, active, layer_macs = layer(x, active)
+            pooled = index < 2  # channels-last max-pooling too is fastest at a multiple of 8 channels
+            x, active, layer_macs = layer(x, active, padded=pooled)
             x, macs = F.relu(x), macs + layer_macs
-            if index < 2:
-                x = F.max_pool2d(x, 2)
+            if pooled:
+                x = F.max_pool2d(x, 2)[:, :layer.conv.out_channels]  # the next convolution reads this view
         return x, macs
 
 
@@ -163,7 +170,8 @@ class CompactBlock:
             active = torch.maximum(widen(mask2, self.from_conv, channels), widen(active_in, self.from_input, channels))
             return F.relu(out), active, macs1 + macs2
         shortcut_macs = masked_macs(active_in, mask2, out.shape[2] * out.shape[3])
-        return F.relu(out + self.shortcut(x) * mask2[:, :, None, None]), mask2, macs1 + macs2 + shortcut_macs
+        shortcut = self.shortcut(x)[:, :self.shortcut.out_channels]
+        return F.relu(out + shortcut * mask2[:, :, None, None]), mask2, macs1 + macs2 + shortcut_macs
 
 
 class CompactResNet18:

@@ -31,6 +31,17 @@ def test_train_overhead_benchmark_writes_its_table(tmp_path, capsys):
     assert "speed vs bare" in capsys.readouterr().out
 
 
+def test_channel_counts_benchmark_writes_its_table(tmp_path):
+    channel_counts = benchmark("channel_counts")
+    output = tmp_path / "channel_counts.csv"
+    channel_counts.main(["--tiny", "--threads", "1", "--output", str(output)])
+    table = pd.read_csv(output)
+    assert list(table.columns) == channel_counts.COLUMNS
+    assert len(table) == len(channel_counts.SHAPES) * len(channel_counts.OUT_CHANNELS)
+    assert set(table.operation) == {"conv", "max_pool"}
+    assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
+
+
 def test_scaling_benchmark_writes_its_table(tmp_path, capsys):
     scaling = benchmark("scaling")
     output = tmp_path / "scaling.csv"

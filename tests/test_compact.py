@@ -199,6 +199,9 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
     # Random gates open about half of what a task keeps: every kept channel open costs more.
     compact = table.query("gates == 'random' and execution == 'compact'")
     assert (compact.kept_macs_per_sample > compact.macs_per_sample).all()
+    patterns = table.query("execution == 'compact'").set_index("batch").gate_patterns.str.split("/")
+    assert all(set(layers) == {"1"} for layers in patterns.loc[1]), "one image has one gate pattern per layer"
+    assert any(int(n) > 1 for layers in patterns.loc[64] for n in layers)
     assert set(table.batch) == {1, 64}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
     assert "speed-up" in capsys.readouterr().out
