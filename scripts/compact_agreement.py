@@ -32,10 +32,10 @@ def predictions(model, dataset, compact: bool) -> tuple[torch.Tensor, torch.Tens
     return torch.cat(predicted), torch.cat(true), torch.cat(macs)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
-    run_dir = parser.parse_args().run_dir
+    run_dir = parser.parse_args(argv).run_dir
     cfg = resolve_config(run_dir / "config.yaml", {})
     scenario = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes,
                               cfg.classes_per_task, cfg.cache)

@@ -11,10 +11,13 @@ import torch
 from conftest import load_script, train_tasks
 from torch import nn
 
+from clbench import compact
 from clbench.compact import CHANNEL_MULTIPLE
+from clbench.config import RunConfig
 from clbench.gates import GatedLayer
 from clbench.models import ModelSpec
 from clbench.registry import get_strategy
+from clbench.runner import run
 
 
 def learned_model(strategy: str, backbone: str, setting: str) -> nn.Module:
@@ -205,3 +208,24 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
     assert set(table.batch) == {1, 64}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_the_agreement_script_finds_where_compact_and_masked_predictions_differ(tiny_scenario, tmp_path, capsys,
+                                                                               monkeypatch):
+    """A tiny ccgn run's compact and masked predictions agree; with the compact
+    convolutions' outputs negated, the script reports the predictions that change."""
+    agreement = load_script("scripts", "compact_agreement")
+    run_dir = run(RunConfig(scenario=tiny_scenario, strategy="ccgn", setting="task", width=8,
+                            results_dir=str(tmp_path), keep_checkpoints=True)).run_dir
+
+    def rows() -> list[list[str]]:
+        capsys.readouterr()
+        agreement.main([str(run_dir)])
+        lines = [line for line in capsys.readouterr().out.splitlines() if line[:3] in [f"| {k}" for k in "12345"]]
+        return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+    honest = rows()
+    assert len(honest) == 5 and all(row[2] == row[3] and row[4] == "0" for row in honest)
+    conv = compact.CompactConv.__call__
+    monkeypatch.setattr(compact.CompactConv, "__call__", lambda self, x: -conv(self, x))
+    assert sum(int(row[4]) for row in rows()) > 0
