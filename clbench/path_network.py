@@ -232,6 +232,7 @@ class TaskPathNet(MultiTaskModule):
     """
 
     compact_inference = True  # False: the masked layers at test too (a benchmark's baseline)
+    normalise_task_features = False  # set by the strategy's classifier_input
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec):
         super().__init__()
@@ -315,8 +316,13 @@ class TaskPathNet(MultiTaskModule):
 
     def classify_task(self, features: torch.Tensor) -> torch.Tensor:
         """Task-classifier logits over the learned tasks, from their paths' features
-        concatenated; paths not learned yet enter as zeros."""
+        concatenated, each path's scaled to norm sqrt(features) where
+        `normalise_task_features` (so that no path's features dominate by their scale);
+        paths not learned yet enter as zeros."""
         learned = features.shape[1] // self.backbone.out_features
+        if self.normalise_task_features:
+            per_path = features.view(len(features), learned, -1)
+            features = (F.normalize(per_path, dim=2) * per_path.shape[2] ** 0.5).flatten(1)
         padding = self.task_classifier[0].in_features - features.shape[1]
         return self.task_classifier(F.pad(features, (0, padding)))[:, :learned]
 

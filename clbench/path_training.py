@@ -23,6 +23,9 @@ class TaskClassifierHparams(Hyperparameters):
     classifier_lr: float = Field(1e-3, gt=0, description="class setting: task-classifier Adam learning rate")
     memory_selection: Literal["random", "herding"] = Field(
         "random", description="class setting: which training examples of a task the memory keeps")
+    classifier_input: Literal["features", "normalised_features"] = Field(
+        "features", description="class setting: the task classifier reads every path's features as they are, or each "
+                                "path's scaled to the same norm")
     classifier_training: Literal["after", "during", "both", "during_balanced"] = Field(
         "during_balanced", description="class setting: train the task classifier after each task on the frozen paths' features, "
                              "during each task with a memory batch replayed through every path (its loss also "
@@ -69,6 +72,8 @@ class TaskPathTraining(SupervisedTemplate):
     def __init__(self, *, hp, **kwargs):
         super().__init__(**kwargs)
         self.hp = hp
+        if self.model.setting == "class":
+            self.model.normalise_task_features = hp.classifier_input == "normalised_features"
         self.usage_rows = []  # kernel_usage.csv
         self.memory: dict[int, torch.Tensor] = {}  # task -> stored inputs
 

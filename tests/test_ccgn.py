@@ -161,3 +161,21 @@ def test_herding_memory_starts_with_each_class_example_nearest_its_class_mean(ti
     stored = strategy.memory[0]
     assert len(stored) == 20
     assert torch.equal(stored[0], nearest[0]) and torch.equal(stored[1], nearest[1])
+
+
+def test_the_task_classifier_can_read_every_paths_features_at_one_norm(tiny_scenario):
+    """With classifier_input=normalised_features the classifier's input is each learned
+    path's features at norm sqrt(features), whatever their scale, and zeros for the paths
+    not learned yet; with the default, the features as they are."""
+    strategy, _ = train(tiny_scenario, "class", 1, classifier_input="normalised_features")
+    model = strategy.model
+    width = model.backbone.out_features
+    features = torch.cat([100 * torch.randn(4, width), 0.01 * torch.randn(4, width)], 1)  # two learned paths
+    seen = []
+    model.task_classifier[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    model.classify_task(features)
+    norms = seen[-1].view(4, -1, width).norm(dim=2)
+    assert torch.allclose(norms[:, :2], torch.full((4, 2), width ** 0.5)) and not norms[:, 2:].any()
+    model.normalise_task_features = False
+    model.classify_task(features)
+    assert torch.equal(seen[-1][:, :2 * width], features)
