@@ -101,16 +101,16 @@ class CompactLayer:
         self.mask_macs = layer.mask_macs
 
     def __call__(self, x: torch.Tensor, active_in: torch.Tensor,
-                 padded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 keep_padding: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Masked output, mask and MACs per sample, as `PathLayer.forward` counts them. The
         output is the kept channels, made dense by the mask multiplication; or with
-        `padded`, the convolution's padded output, masked in place."""
+        `keep_padding`, the convolution's padded output, masked in place."""
         mask = self.mask(x)
         out = self.conv(x)
         spatial = out.shape[2] * out.shape[3] if out.dim() == 4 else 1
         macs = masked_macs(active_in, mask, self.kernel * spatial) + self.mask_macs
         mask_shape = mask.view(*mask.shape, *[1] * (out.dim() - 2))
-        if padded:
+        if keep_padding:
             out[:, :self.conv.out_channels] *= mask_shape
             return out, mask, macs
         return out[:, :self.conv.out_channels] * mask_shape, mask, macs
@@ -140,7 +140,7 @@ class CompactSmallCNN:
                 x = x.flatten(1)
                 active = active.repeat_interleave(self.spatial, 1)
             pooled = index < 2  # channels-last max-pooling too is fastest at a multiple of 8 channels
-            x, active, layer_macs = layer(x, active, padded=pooled)
+            x, active, layer_macs = layer(x, active, keep_padding=pooled)
             x, macs = F.relu(x), macs + layer_macs
             if pooled:
                 x = F.max_pool2d(x, 2)[:, :layer.conv.out_channels]  # the next convolution reads this view
