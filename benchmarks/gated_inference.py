@@ -36,7 +36,6 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from clbench.datasets.scenarios import build_scenario
 from torch import nn
 
 from clbench import checkpoint, compact
@@ -45,7 +44,7 @@ from clbench.config import RunConfig
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
 from clbench.registry import get_strategy
-from clbench.runner import dense_macs, run
+from clbench.runner import dense_macs, run, run_scenario
 
 RESULTS = Path(__file__).parent / "results" / "gated_inference.csv"
 TASKS = 5
@@ -80,8 +79,7 @@ def trained_model(scenario: str, setting: str, width: int, folder: str) -> tuple
     cfg = RunConfig(scenario=scenario, strategy="ccgn", setting=setting, width=width, keep_checkpoints=True,
                     results_dir=folder)
     run_dir = run(cfg).run_dir
-    data = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes,
-                          cfg.classes_per_task, cfg.cache)
+    data = run_scenario(cfg)
     spec = ModelSpec("small_cnn", width, data.spec.input_shape, setting, data.task_classes)
     test = data.benchmark.test_stream[0].dataset
     images = torch.stack([test[i % len(test)][0] for i in range(64)])

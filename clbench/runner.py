@@ -257,6 +257,12 @@ def resolve(cfg: RunConfig) -> tuple[Strategy, RunConfig]:
     return strategy, resolved
 
 
+def run_scenario(cfg: RunConfig) -> Scenario:
+    """The scenario a run configuration trains and tests on."""
+    return build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes,
+                          cfg.classes_per_task, cfg.cache)
+
+
 def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
     """Train and evaluate one configuration into its run folder, checkpointing after every
     task and resuming from the checkpoint an interrupted run of it left. A folder that
@@ -265,8 +271,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
     strategy, cfg = resolve(cfg)
     if not overwrite and (finished := results.finished_run(cfg)):
         return RunOutcome(finished, trained=False)
-    scenario = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes,
-                              cfg.classes_per_task, cfg.cache)
+    scenario = run_scenario(cfg)
     RNGManager.set_random_seeds(cfg.seed)
     spec = ModelSpec(cfg.backbone, cfg.width, scenario.spec.input_shape, cfg.setting, scenario.task_classes)
     model = build_model(strategy, spec)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from clbench import checkpoint
 from clbench.config import resolve_config
-from clbench.datasets.scenarios import build_scenario
+from clbench.runner import run_scenario
 
 
 @torch.no_grad()
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path)
     run_dir = parser.parse_args(argv).run_dir
     cfg = resolve_config(run_dir / "config.yaml", {})
-    scenario = build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes,
-                              cfg.classes_per_task, cfg.cache)
+    scenario = run_scenario(cfg)
     state = checkpoint.load(run_dir, scenario)
     if state is None:
         raise SystemExit(f"{run_dir} has no checkpoint: run it with --keep-checkpoints")
