@@ -88,10 +88,7 @@ def trained_model(scenario: str, setting: str, width: int, folder: str) -> tuple
 
 def compact_layers(model: TaskPathNet) -> list:
     """Every `CompactLayer` of the model's compact paths cut so far."""
-    paths = [path.backbone for path in model._compact_paths.values()]
-    return [layer for path in paths for layer in
-            (path.layers if hasattr(path, "layers") else
-             [path.stem] + [conv for block in path.blocks for conv in (block.conv1, block.conv2)])]
+    return [layer for path in model._compact_paths.values() for layer in path.backbone.layers]
 
 
 def kept_macs(gated: TaskPathNet, x: torch.Tensor, t: torch.Tensor) -> float:

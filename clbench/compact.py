@@ -175,7 +175,8 @@ class CompactBlock:
 
 
 class CompactResNet18:
-    """`PathResNet18` cut to one task's channels."""
+    """`PathResNet18` cut to one task's channels; `layers`: its `CompactLayer`s in forward
+    order, as `CompactSmallCNN.layers`."""
 
     def __init__(self, network: PathResNet18, task: int):
         self.in_channels = network.in_channels
@@ -186,6 +187,7 @@ class CompactResNet18:
             self.blocks.append(CompactBlock(block, task, kept_in))
             kept_in = self.blocks[-1].kept
         self.kept = kept_in
+        self.layers = [self.stem] + [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept features and MACs per sample."""

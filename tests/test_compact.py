@@ -56,13 +56,6 @@ def learned_model(strategy: str, backbone: str, setting: str) -> nn.Module:
     return model.eval()
 
 
-def compact_convs(path) -> list:
-    """The `CompactConv` of each path layer of a compact backbone, in the network's order."""
-    if hasattr(path, "layers"):
-        return [layer.conv for layer in path.layers]
-    return [path.stem.conv] + [layer.conv for block in path.blocks for layer in (block.conv1, block.conv2)]
-
-
 def inputs(batch: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ccgn's gates tell apart, and task labels of learned and unlearned tasks."""
     x = torch.randn(batch, 1, 28, 28) + torch.linspace(-2, 2, batch).view(-1, 1, 1, 1)
@@ -93,10 +86,10 @@ def test_compact_paths_compute_what_the_masked_layers_do(strategy, backbone, set
     assert torch.equal(compact_macs, masked_macs)
     assert sorted(model._compact_paths) == ([0, 1, 2] if setting == "task" else [0, 1])
     path = model._compact_paths[0].backbone
-    convs = [conv for conv in compact_convs(path) if conv.conv is not None]
+    convs = [layer.conv for layer in path.layers if layer.conv.conv is not None]
     assert all(len(conv.weight) % CHANNEL_MULTIPLE == 0 for conv in convs), "convolutions should compute padded outputs"
     assert any(len(conv.weight) > conv.out_channels for conv in convs), "some convolution should need padding"
-    cut = [conv.out_channels for conv in compact_convs(path)]
+    cut = [layer.conv.out_channels for layer in path.layers]
     assert any(n < layer.out_units for n, layer in zip(cut, model.path_layers)), "the path should be cut"
     with torch.no_grad():
         logits, trace = model.forward_path(x, 0)
