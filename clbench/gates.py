@@ -32,9 +32,9 @@ class GatedLayer(PathLayer):
     restricted to the kernels task t used when it was learned (`allowed`)."""
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.Module | None, tied: nn.Sequential | None = None, *,
-                 n_tasks: int, temperature: float):
+                 n_tasks: int, temperature: float, closed_gates_learn: bool = False):
         super().__init__(layer, norm, tied)
-        self.temperature = temperature
+        self.temperature, self.closed_gates_learn = temperature, closed_gates_learn
         self.gates = nn.ModuleList(
             nn.Sequential(nn.Linear(self.in_units, GATE_HIDDEN), nn.BatchNorm1d(GATE_HIDDEN), nn.ReLU(),
                           nn.Linear(GATE_HIDDEN, self.out_units))

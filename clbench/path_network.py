@@ -81,6 +81,7 @@ class PathLayer(nn.Module):
     the MACs, on the output side and as the next layer's input."""
 
     mask_macs = 0  # MACs of computing the mask for one sample
+    closed_gates_learn = False  # a mask of 0 gets the gradient of opening (see forward)
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.Module | None, tied: nn.Sequential | None = None):
         super().__init__()
@@ -107,10 +108,18 @@ class PathLayer(nn.Module):
         """The modules whose tensors `kept_channels` and `compact_mask` read."""
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, task: int, active_in: torch.Tensor, trace: PathTrace):
+    def forward(self, x: torch.Tensor, task: int, active_in: torch.Tensor, trace: PathTrace,
+                then: Callable | None = None):
         """Masked output and the mask, given which input units of each sample are active
         (`active_in`, batch x units); records the mask in `trace`, and outside training
-        the active inputs and the MACs."""
+        the active inputs and the MACs. `then`, the ReLU (and max-pooling) that follows
+        the layer, runs before the mask multiplication, as it commutes with scaling a
+        channel by a mask >= 0: after pooling, the multiplication and its backward touch
+        a quarter of the values. Gradients are those of the mask applied first, which at
+        a mask of 0 (a closed straight-through gate) leaves the ReLU at its kink, passing
+        the mask no gradient (the mask multiplied is `mask * (mask > 0)`); unless
+        `closed_gates_learn`, where a closed gate gets the gradient of opening it, that of
+        a mask multiplying the activated output."""
         mask = self.mask(x, task, trace)
         out = self.layer(x)
         if self.norm is not None:
@@ -121,7 +130,12 @@ class PathLayer(nn.Module):
             kernel = self.layer.weight[0].numel() // self.in_units
             trace.active_inputs.append(active_in.detach())
             trace.macs = trace.macs + masked_macs(active_in, mask, kernel * spatial) + self.mask_macs
-        return out * mask.view(*mask.shape, *[1] * (out.dim() - 2)), mask
+        applied = mask
+        if then is not None:
+            out = then(out)
+            if not self.closed_gates_learn:
+                applied = mask * (mask > 0)
+        return out * applied.view(*mask.shape, *[1] * (out.dim() - 2)), mask
 
     def kernel_modules(self) -> list[nn.Module]:
         return [m for m in [self.layer, self.norm] + list(self.tied or []) if m is not None]
@@ -157,12 +171,13 @@ class PathSmallCNN(nn.Module):
             if index == 2:
                 x = x.flatten(1)
                 active = active.repeat_interleave(self.spatial_after_convs, 1)
-            x, mask = layer(x, task, active, trace)
-            x = F.relu(x)
-            if index < 2:
-                x = F.max_pool2d(x, 2)
+            x, mask = layer(x, task, active, trace, then=relu_and_pool if index < 2 else F.relu)
             active = mask.detach()
         return x
+
+
+def relu_and_pool(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(F.relu(x), 2)
 
 
 class PathBasicBlock(nn.Module):
@@ -183,8 +198,8 @@ class PathBasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, task: int, active_in: torch.Tensor, trace: PathTrace):
         """Output and its active channels."""
-        h, mask1 = self.conv1(x, task, active_in, trace)
-        out, mask2 = self.conv2(F.relu(h), task, mask1.detach(), trace)
+        h, mask1 = self.conv1(x, task, active_in, trace, then=F.relu)
+        out, mask2 = self.conv2(h, task, mask1.detach(), trace)
         if self.conv2.tied is None:
             return F.relu(out + x), torch.maximum(mask2.detach(), active_in)
         if not self.training:
@@ -209,8 +224,8 @@ class PathResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
         active = torch.ones(len(x), self.in_channels, device=x.device)
-        x, mask = self.stem(resnet_layout(x, self.stem.layer.out_channels), task, active, trace)
-        x, active = F.relu(x), mask.detach()
+        x, mask = self.stem(resnet_layout(x, self.stem.layer.out_channels), task, active, trace, then=F.relu)
+        active = mask.detach()
         for block in self.blocks:
             x, active = block(x, task, active, trace)
         return x.mean((2, 3))

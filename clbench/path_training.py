@@ -14,7 +14,7 @@ from pydantic import Field
 from torch.utils.data import DataLoader, TensorDataset
 
 from clbench.path_network import PathTrace
-from clbench.registry import Hyperparameters
+from clbench.registry import Hyperparameters, build_optimizer
 
 
 class TaskClassifierHparams(Hyperparameters):
@@ -191,7 +191,7 @@ class TaskPathTraining(SupervisedTemplate):
         tasks = torch.cat([t for _, t in inputs]).to(self.device)
         counts = torch.bincount(tasks, minlength=task + 1).float()
         weights = counts.sum() / (len(counts) * counts)
-        optimizer = torch.optim.Adam(model.task_classifier.parameters(), lr=self.hp.classifier_lr)
+        optimizer = build_optimizer("adam", model.task_classifier.parameters(), self.hp.classifier_lr)
         model.task_classifier.train()
         for _ in range(self.hp.classifier_epochs):
             for f, t in DataLoader(TensorDataset(features, tasks), batch_size=self.train_mb_size, shuffle=True):

@@ -60,6 +60,18 @@ class TrainingSetup:
 OPTIMIZER_OPTIONS = ("optimizer", "lr", "momentum")  # the run's; what a strategy with its own optimiser replaces
 
 
+def build_optimizer(name: str, parameters, lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
+    """SGD (with `momentum`) or Adam. Adam is fused: one kernel updates all parameters,
+    instead of about ten small operations per parameter tensor, which cost ccgn, with its
+    gates' many small tensors, a tenth of its training step on ResNet-18
+    (benchmarks/train_overhead.py). SGD is not: PyTorch 2.15's fused SGD with momentum
+    fails on a step where a parameter gets its first gradient beside parameters that
+    already have momentum (a later task's head)."""
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum)
+    return torch.optim.Adam(parameters, lr=lr, fused=True)
+
+
 def summary_of(cls: type) -> str:
     """A class's docstring's first paragraph on one line."""
     return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())

@@ -28,7 +28,7 @@ from clbench.datasets.scenarios import Scenario, build_scenario, scenario_spec
 from clbench.errors import UserError
 from clbench.loading import InMemoryBatches, eval_batches
 from clbench.models import CountsExecutedMacs, ModelSpec, model_size_bytes, parameter_count
-from clbench.registry import OPTIMIZER_OPTIONS, Module, Strategy, TrainingSetup, build_modules, get_strategy
+from clbench.registry import OPTIMIZER_OPTIONS, Module, build_optimizer, Strategy, TrainingSetup, build_modules, get_strategy
 
 # clbench evaluates with its own loop: without --tensorboard, Avalanche's evaluator has no logger.
 warnings.filterwarnings("ignore", message="No loggers specified")
@@ -57,9 +57,7 @@ class TrainingProgress(SupervisedPlugin):
 
 
 def make_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum)
 
 
 def dense_macs(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> float:

@@ -22,7 +22,7 @@ def row(run_dir: Path, dense_macs: float) -> dict:
     usage = pd.read_csv(run_dir / "kernel_usage.csv")
     free = usage[usage.after_task == len(accuracy) - 1].set_index("layer").free
     return {"gate_regulariser": cfg["hparams"].get("gate_regulariser", "mean_activation"),
-            "epochs": cfg["epochs"], "sparsity": cfg["hparams"]["sparsity"],
+            "closed gates learn": cfg["hparams"].get("closed_gates_learn", False), "epochs": cfg["epochs"], "sparsity": cfg["hparams"]["sparsity"],
             "firing threshold": cfg["hparams"]["firing_threshold"], "seed": cfg["seed"],
             "accuracy": accuracy[-1].mean(), "task 1": accuracy[-1, 0], f"task {len(accuracy)}": accuracy[-1, -1],
             "MACs after task 1 / dense": macs[0, 0] / dense_macs,
@@ -38,7 +38,7 @@ def main():
     args = parser.parse_args()
     runs = sorted(path.parent for folder in args.results_dirs for path in Path(folder).rglob("COMPLETED")
                   if (path.parent / "kernel_usage.csv").exists() and "/task/ccgn/" in str(path.parent))
-    keys = ["gate_regulariser", "epochs", "sparsity", "firing threshold"]
+    keys = ["gate_regulariser", "closed gates learn", "epochs", "sparsity", "firing threshold"]
     table = pd.DataFrame([row(run, args.dense_macs) for run in runs]).sort_values([*keys, "seed"])
     if args.mean:
         grouped = table.drop(columns="seed").groupby(keys)

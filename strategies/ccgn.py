@@ -10,7 +10,7 @@ from clbench.batch_shaping import batch_shaping_loss
 from clbench.gates import GatedLayer
 from clbench.path_network import build_path_model
 from clbench.path_training import TaskClassifierHparams, TaskPathTraining, memory_after_last_task
-from clbench.registry import OPTIMIZER_OPTIONS, Strategy, register
+from clbench.registry import OPTIMIZER_OPTIONS, Strategy, build_optimizer, register
 
 
 @register
@@ -41,6 +41,13 @@ class CCGN(Strategy):
     - Class setting: the task classifier is trained during each task with the memory
       replayed through every path (classifier_training; see `clbench.path_training`).
     - On the small CNN the fully connected layer is gated too (its units are kernels).
+    - The straight-through gate multiplies its layer's output before the ReLU, so a closed
+      gate leaves the ReLU at its kink and gets no gradient from the task loss, only from
+      the sparsity term: it opens only when the Gumbel noise opens it. The paper does not
+      say. With closed_gates_learn a closed gate gets the gradient of opening it (that of
+      a gate after the ReLU, where one follows the layer). On Split MNIST under the paper
+      preset (3 seeds) that with lambda_s 0.2 reached 0.9947 at 15.2% of the dense MACs,
+      the default 0.9937 at 20.6% (results/ablations/ccgn_closed_gates).
     - gate_regulariser: the paper's mean gate activation (the default), or batch-shaping
       (Bejnordi et al., ICLR 2020; `clbench.batch_shaping`) on each gate's probability
       before its noise, or both as in that paper: batch-shaping first, its weight falling
@@ -61,6 +68,8 @@ class CCGN(Strategy):
         optimizer: Literal["adam"] = Field("adam", description="ccgn's own optimiser")
         lr: float = Field(1e-3, gt=0, description="Adam learning rate (ccgn's own; the run's optimizer is not used)")
         temperature: float = Field(2 / 3, gt=0, description="Gumbel-sigmoid relaxation temperature (backward pass)")
+        closed_gates_learn: bool = Field(False, description="a closed gate also gets the task loss's gradient, of "
+                                                           "opening it, where a ReLU follows its layer")
         firing_threshold: float = Field(0.05, ge=0, lt=1, description="kernels firing more often than this are frozen")
         holdout_fraction: float = Field(0.1, gt=0, lt=1, description="share of each task's training data kept to measure firing rates")
         gate_regulariser: Literal["mean_activation", "batch_shaping", "both"] = Field(
@@ -89,10 +98,11 @@ class CCGN(Strategy):
         return memory_after_last_task(self.hp.memory_size, trained)
 
     def make_model(self, spec):
-        return build_path_model(spec, partial(GatedLayer, n_tasks=spec.n_tasks, temperature=self.hp.temperature))
+        return build_path_model(spec, partial(GatedLayer, n_tasks=spec.n_tasks, temperature=self.hp.temperature,
+                                              closed_gates_learn=self.hp.closed_gates_learn))
 
     def make_trainer(self, model, setup):
-        return ConditionalGating(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=self.hp.lr),
+        return ConditionalGating(model=model, optimizer=build_optimizer("adam", model.parameters(), self.hp.lr),
                                  criterion=setup.criterion, hp=self.hp, **setup.template_kwargs())
 
 

@@ -7,7 +7,7 @@ from pydantic import Field
 from clbench.attention import AttentionLayer, attention_regulariser, compensate_embedding_gradient
 from clbench.path_network import build_path_model
 from clbench.path_training import TaskPathTraining
-from clbench.registry import OPTIMIZER_OPTIONS, Hyperparameters, Strategy, register
+from clbench.registry import OPTIMIZER_OPTIONS, Hyperparameters, Strategy, build_optimizer, register
 
 
 class HATHparams(Hyperparameters):
@@ -63,7 +63,7 @@ class HardAttention(TaskPathTraining):
     """HAT's training procedure on a `TaskPathNet` of `AttentionLayer`s."""
 
     def __init__(self, *, model, hp, **kwargs):
-        optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr, momentum=hp.momentum)
+        optimizer = build_optimizer("sgd", model.parameters(), hp.lr, hp.momentum)
         super().__init__(model=model, optimizer=optimizer, hp=hp, **kwargs)
 
     @property

@@ -3,6 +3,7 @@ backbones with every mask open, and per-sample accounting in batches that mix ta
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clbench.models import BACKBONES, ModelSpec
@@ -15,6 +16,19 @@ class OpenLayer(PathLayer):
 
     def mask(self, x, task, trace):
         return torch.ones(len(x), self.out_units)
+
+
+class FractionalMaskLayer(PathLayer):
+    """Masks in (0, 1) that differ by sample and channel, a third or so exactly 0 but with
+    the gradient of what they replace, as ccgn's closed straight-through gates have."""
+
+    def __init__(self, layer, norm, tied=None):
+        super().__init__(layer, norm, tied)
+        self.logits = nn.Parameter(torch.randn(6, self.out_units))
+
+    def mask(self, x, task, trace):
+        soft = torch.sigmoid(self.logits[:len(x)])
+        return soft - (soft * (soft < 0.4)).detach()
 
 
 def weighted_layers(network: nn.Module) -> list[nn.Module]:
@@ -42,6 +56,34 @@ def test_path_backbone_with_every_mask_open_is_the_dense_backbone(backbone, in_c
         # The comparison is sharp: one changed weight changes the output.
         pairs[-1][1].weight[0].add_(0.1)
         assert not torch.allclose(path(x, 0, PathTrace()), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("closed_gates_learn", [False, True])
+def test_small_cnn_masking_after_relu_and_pooling_is_masking_before(closed_gates_learn, monkeypatch):
+    """The small CNN multiplies each conv's mask after its ReLU and max-pooling (cheaper):
+    outputs and gradients are those of the layer-by-layer definition, mask first; with
+    `closed_gates_learn`, the gradients of the mask multiplying the pooled output."""
+    monkeypatch.setattr(FractionalMaskLayer, "closed_gates_learn", closed_gates_learn)
+    torch.manual_seed(0)
+    network = PATH_BACKBONES["small_cnn"](1, 4, 28, FractionalMaskLayer)
+    x = torch.randn(6, 1, 28, 28)
+
+    def masked(layer, h, then):
+        out = layer.layer(h)
+        mask = layer.mask(h, 0, None).view(*out.shape[:2], *[1] * (out.dim() - 2))
+        return then(out) * mask if closed_gates_learn else then(out * mask)
+
+    h = x
+    for conv in network.layers[:2]:
+        h = masked(conv, h, lambda out: F.max_pool2d(F.relu(out), 2))
+    definition = masked(network.layers[2], h.flatten(1), F.relu)
+    output = network(x, 0, PathTrace())
+    assert torch.allclose(output, definition, atol=1e-6)
+    weights = torch.randn_like(output)
+    parameters = list(network.parameters())
+    for got, expected in zip(torch.autograd.grad((output * weights).sum(), parameters),
+                             torch.autograd.grad((definition * weights).sum(), parameters), strict=True):
+        assert torch.allclose(got, expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["ccgn", "hat"])
