@@ -62,9 +62,8 @@ OPTIMIZER_OPTIONS = ("optimizer", "lr", "momentum")  # the run's; what a strateg
 
 def build_optimizer(name: str, parameters, lr: float, momentum: float = 0.0) -> torch.optim.Optimizer:
     """SGD (with `momentum`) or Adam. Adam is fused: one kernel updates all parameters,
-    instead of about ten small operations per parameter tensor, which cost ccgn, with its
-    gates' many small tensors, a tenth of its training step on ResNet-18
-    (benchmarks/train_overhead.py). SGD is not: PyTorch 2.15's fused SGD with momentum
+    instead of about ten small operations per parameter tensor, which weigh on ccgn with
+    its gates' many small tensors (benchmarks/train_overhead.py). SGD is not: PyTorch 2.15's fused SGD with momentum
     fails on a step where a parameter gets its first gradient beside parameters that
     already have momentum (a later task's head)."""
     if name == "sgd":

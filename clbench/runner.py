@@ -28,7 +28,8 @@ from clbench.datasets.scenarios import Scenario, build_scenario, scenario_spec
 from clbench.errors import UserError
 from clbench.loading import InMemoryBatches, eval_batches
 from clbench.models import CountsExecutedMacs, ModelSpec, model_size_bytes, parameter_count
-from clbench.registry import OPTIMIZER_OPTIONS, Module, build_optimizer, Strategy, TrainingSetup, build_modules, get_strategy
+from clbench.registry import (OPTIMIZER_OPTIONS, Module, Strategy, TrainingSetup, build_modules, build_optimizer,
+                              get_strategy)
 
 # clbench evaluates with its own loop: without --tensorboard, Avalanche's evaluator has no logger.
 warnings.filterwarnings("ignore", message="No loggers specified")

@@ -22,7 +22,8 @@ def row(run_dir: Path, dense_macs: float) -> dict:
     usage = pd.read_csv(run_dir / "kernel_usage.csv")
     free = usage[usage.after_task == len(accuracy) - 1].set_index("layer").free
     return {"gate_regulariser": cfg["hparams"].get("gate_regulariser", "mean_activation"),
-            "closed gates learn": cfg["hparams"].get("closed_gates_learn", False), "epochs": cfg["epochs"], "sparsity": cfg["hparams"]["sparsity"],
+            "closed gates learn": cfg["hparams"].get("closed_gates_learn", False),
+            "epochs": cfg["epochs"], "sparsity": cfg["hparams"]["sparsity"],
             "firing threshold": cfg["hparams"]["firing_threshold"], "seed": cfg["seed"],
             "accuracy": accuracy[-1].mean(), "task 1": accuracy[-1, 0], f"task {len(accuracy)}": accuracy[-1, -1],
             "MACs after task 1 / dense": macs[0, 0] / dense_macs,
