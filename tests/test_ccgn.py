@@ -86,6 +86,25 @@ def frozen_state(layer: GatedLayer) -> list[torch.Tensor]:
     return tensors
 
 
+def test_closed_gates_get_a_gradient_only_with_closed_gates_learn():
+    """A gate closed for every sample of the batch passes its gate network no gradient
+    from the task loss by default (its layer's ReLU sits at its kink), and does with
+    closed_gates_learn."""
+    spec = ModelSpec("small_cnn", 4, (1, 28, 28), "task", [[0, 1], [2, 3]])
+    x = torch.randn(2, 1, 28, 28)
+    gradients = {}
+    for learn in (False, True):
+        torch.manual_seed(0)  # the same weights and Gumbel noise, so the same gates
+        model = CCGN.from_hparams({"closed_gates_learn": learn}).make_model(spec).train()
+        logits, trace = model.forward_path(x, 0)
+        logits.sum().backward()
+        closed = [(mask == 0).all(0) for mask in trace.masks]
+        gradients[learn] = [layer.gates[0][-1].bias.grad[shut] for layer, shut in zip(model.path_layers, closed)]
+    assert sum(len(g) for g in gradients[False]) > 0, "some gate should be closed for this test to mean anything"
+    assert all((g == 0).all() for g in gradients[False])
+    assert any((g != 0).any() for g in gradients[True])
+
+
 def test_sparsity_weight_lowers_gate_usage(tiny_scenario):
     def usage(sparsity):
         strategy, _ = train(tiny_scenario, "task", 1, sparsity=sparsity)
