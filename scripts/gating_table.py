@@ -14,15 +14,17 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from clbench.results import recorded_config
+
 
 def row(run_dir: Path, dense_macs: float) -> dict:
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg = recorded_config(yaml.safe_load((run_dir / "config.yaml").read_text()))  # options added since: their defaults
     accuracy = pd.read_csv(run_dir / "accuracy_matrix.csv", index_col="after_task").to_numpy()
     macs = pd.read_csv(run_dir / "executed_macs_matrix.csv", index_col="after_task").to_numpy()
     usage = pd.read_csv(run_dir / "kernel_usage.csv")
     free = usage[usage.after_task == len(accuracy) - 1].set_index("layer").free
-    return {"gate_regulariser": cfg["hparams"].get("gate_regulariser", "mean_activation"),
-            "closed gates learn": cfg["hparams"].get("closed_gates_learn", False),
+    return {"gate_regulariser": cfg["hparams"]["gate_regulariser"],
+            "closed gates learn": cfg["hparams"]["closed_gates_learn"],
             "epochs": cfg["epochs"], "sparsity": cfg["hparams"]["sparsity"],
             "firing threshold": cfg["hparams"]["firing_threshold"], "seed": cfg["seed"],
             "accuracy": accuracy[-1].mean(), "task 1": accuracy[-1, 0], f"task {len(accuracy)}": accuracy[-1, -1],
