@@ -49,6 +49,12 @@ def widen(x: torch.Tensor, index: torch.Tensor, channels: int) -> torch.Tensor:
 CHANNEL_MULTIPLE = 8
 
 
+def pool_stage(stages: list[torch.Tensor] | None, x: torch.Tensor, index: torch.Tensor, channels: int) -> None:
+    """As `PathTrace.pool_stage`, for a stage output holding channels `index` of `channels`."""
+    if stages is not None:
+        stages.append(widen(x.mean((2, 3)) if x.dim() == 4 else x, index, channels))
+
+
 def padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(rows, *tensor.shape[1:])])
 
@@ -123,17 +129,20 @@ class CompactSmallCNN:
         self.in_channels, self.spatial = network.in_channels, network.spatial_after_convs
         device = network.layers[0].layer.weight.device
         kept_in = torch.arange(self.in_channels, device=device)
-        self.layers = []
+        self.layers, self.kept_per_layer = [], []
         for index, layer in enumerate(network.layers):
             if index == 2:  # flattened: channel c's features are c * spatial + position
                 kept_in = (kept_in[:, None] * self.spatial + torch.arange(self.spatial, device=device)).flatten()
             kept_out = kept(layer, task)
             self.layers.append(CompactLayer(layer, task, kept_in, kept_out))
+            self.kept_per_layer.append((kept_out, layer.out_units))
             kept_in = kept_out
         self.kept = kept_in
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept features and MACs per sample."""
+    def __call__(self, x: torch.Tensor,
+                 stages: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept features and MACs per sample; where `stages` is a list, each layer's output
+        averaged over positions is added to it, as in `PathTrace.stages`."""
         x, active, macs = channels_last(x), torch.ones(len(x), self.in_channels, device=x.device), 0
         for index, layer in enumerate(self.layers):
             if index == 2:
@@ -144,6 +153,7 @@ class CompactSmallCNN:
             x, macs = F.relu(x), macs + layer_macs
             if pooled:
                 x = F.max_pool2d(x, 2)[:, :layer.conv.out_channels]  # the next convolution reads this view
+            pool_stage(stages, x, *self.kept_per_layer[index])
         return x, macs
 
 
@@ -182,20 +192,27 @@ class CompactResNet18:
         self.in_channels = network.in_channels
         all_inputs = torch.arange(self.in_channels, device=network.stem.layer.weight.device)
         self.stem = CompactLayer(network.stem, task, all_inputs, kept(network.stem, task))
-        self.blocks, kept_in = [], kept(network.stem, task)
+        self.stem_kept = kept(network.stem, task), network.stem.out_units
+        self.blocks, self.block_channels, kept_in = [], [], self.stem_kept[0]
         for block in network.blocks:
             self.blocks.append(CompactBlock(block, task, kept_in))
+            self.block_channels.append(block.conv2.out_units)
             kept_in = self.blocks[-1].kept
         self.kept = kept_in
         self.layers = [self.stem] + [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept features and MACs per sample."""
+    def __call__(self, x: torch.Tensor,
+                 stages: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept features and MACs per sample; where `stages` is a list, the output of the
+        stem and of each block averaged over positions is added to it, as in
+        `PathTrace.stages`."""
         x, active, macs = self.stem(channels_last(x), torch.ones(len(x), self.in_channels, device=x.device))
         x = F.relu(x)
-        for block in self.blocks:
+        pool_stage(stages, x, *self.stem_kept)
+        for block, channels in zip(self.blocks, self.block_channels):
             x, active, block_macs = block(x, active)
             macs = macs + block_macs
+            pool_stage(stages, x, block.kept, channels)
         return x.mean((2, 3)), macs
 
 
@@ -237,8 +254,13 @@ class CompactPath:
         features, macs = self.backbone(x)
         return F.linear(features, *self.head), macs + self.head_macs
 
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The path's features (all of them, those cut away zero), logits and MACs per sample."""
-        features, macs = self.backbone(x)
+    def features_and_logits(self, x: torch.Tensor,
+                            stages: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The path's features (all of them, those cut away zero), or with `stages` every
+        stage's output averaged over positions (`PathTrace.stages`); logits and MACs per
+        sample."""
+        pooled = [] if stages else None
+        features, macs = self.backbone(x, pooled)
         logits = F.linear(features, *self.head)
-        return widen(features, self.backbone.kept, self.out_features), logits, macs + self.head_macs
+        read = torch.cat(pooled, 1) if stages else widen(features, self.backbone.kept, self.out_features)
+        return read, logits, macs + self.head_macs

@@ -65,12 +65,19 @@ class PathTrace:
     also its active input units and the MACs executed (training reads only the masks:
     counting took about 1% of ccgn's training step); in training, ccgn's gates also
     record the probability of each gate before its noise and threshold
-    (`probabilities`, for batch-shaping)."""
+    (`probabilities`, for batch-shaping). Where `stages` is a list, the backbone adds the
+    output of each of its stages averaged over positions (`pool_stage`), the last being
+    its features: the task classifier's input with classifier_layers "all"."""
 
     masks: list[torch.Tensor] = field(default_factory=list)
     probabilities: list[torch.Tensor] = field(default_factory=list)
     active_inputs: list[torch.Tensor] = field(default_factory=list)
     macs: torch.Tensor | int = 0
+    stages: list[torch.Tensor] | None = None
+
+    def pool_stage(self, x: torch.Tensor) -> None:
+        if self.stages is not None:
+            self.stages.append(x.mean((2, 3)) if x.dim() == 4 else x)
 
 
 class PathLayer(nn.Module):
@@ -158,6 +165,7 @@ class PathSmallCNN(nn.Module):
     def __init__(self, in_channels: int, width: int, input_size: int, make_layer: Callable):
         super().__init__()
         self.in_channels, self.out_features = in_channels, 4 * width
+        self.stage_features = 6 * width  # every layer is a stage
         self.spatial_after_convs = (input_size // 4) ** 2
         self.layers = nn.ModuleList([
             make_layer(nn.Conv2d(in_channels, width, 3, padding=1), None),
@@ -173,6 +181,7 @@ class PathSmallCNN(nn.Module):
                 active = active.repeat_interleave(self.spatial_after_convs, 1)
             x, mask = layer(x, task, active, trace, then=relu_and_pool if index < 2 else F.relu)
             active = mask.detach()
+            trace.pool_stage(x)
         return x
 
 
@@ -214,6 +223,7 @@ class PathResNet18(nn.Module):
     def __init__(self, in_channels: int, width: int, input_size: int, make_layer: Callable):
         super().__init__()
         self.in_channels, self.out_features = in_channels, 8 * width
+        self.stage_features = 31 * width  # the stem and every block are stages
         self.stem = make_layer(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), FreezableBatchNorm2d(width))
         blocks, channels = [], width
         for stage, stride in enumerate((1, 2, 2, 2)):
@@ -226,8 +236,10 @@ class PathResNet18(nn.Module):
         active = torch.ones(len(x), self.in_channels, device=x.device)
         x, mask = self.stem(resnet_layout(x, self.stem.layer.out_channels), task, active, trace, then=F.relu)
         active = mask.detach()
+        trace.pool_stage(x)
         for block in self.blocks:
             x, active = block(x, task, active, trace)
+            trace.pool_stage(x)
         return x.mean((2, 3))
 
 
@@ -249,7 +261,10 @@ class TaskPathNet(MultiTaskModule):
     compact_inference = True  # False: the masked layers at test too (a benchmark's baseline)
     normalise_task_features = False  # set by the strategy's classifier_input
 
-    def __init__(self, backbone: nn.Module, spec: ModelSpec):
+    def __init__(self, backbone: nn.Module, spec: ModelSpec, classifier_layers: str = "last"):
+        """classifier_layers: the task classifier reads each path's features ("last") or
+        the output of every stage of the backbone averaged over positions ("all": each
+        layer of the small CNN, the stem and each block of ResNet-18)."""
         super().__init__()
         self.backbone, self.setting, self.n_classes = backbone, spec.setting, spec.n_classes
         self.task_classes = spec.task_classes
@@ -257,8 +272,10 @@ class TaskPathNet(MultiTaskModule):
         self.max_class_label = max(len(c) for c in spec.task_classes)
         self.tasks_learned = 0
         self._compact_paths = {}  # task -> CompactPath, rebuilt when out of date
+        self.classifier_reads_stages = classifier_layers == "all"
+        self.task_features = backbone.stage_features if self.classifier_reads_stages else backbone.out_features
         if spec.setting == "class":
-            self.task_classifier = nn.Sequential(nn.Linear(spec.n_tasks * backbone.out_features, CLASSIFIER_HIDDEN),
+            self.task_classifier = nn.Sequential(nn.Linear(spec.n_tasks * self.task_features, CLASSIFIER_HIDDEN),
                                                  nn.ReLU(), nn.Linear(CLASSIFIER_HIDDEN, spec.n_tasks))
 
     @cached_property
@@ -308,33 +325,52 @@ class TaskPathNet(MultiTaskModule):
         logits, trace = self.forward_path(x, task)
         return logits, trace.macs
 
+    def masked_path(self, x: torch.Tensor, task: int,
+                    trace: PathTrace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task `task`'s masked path on `x`: its features (the head's input) and what the
+        task classifier reads of them (see `classifier_layers`)."""
+        trace = trace or PathTrace()
+        if self.classifier_reads_stages:
+            trace.stages = []
+        features = self.backbone(x, task, trace)
+        return features, torch.cat(trace.stages, 1) if self.classifier_reads_stages else features
+
     def path_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Features of every learned task's masked path (at least one) and their total MACs."""
+        """The task classifier's input from every learned task's masked path (at least
+        one) and their total MACs."""
         features, total = [], 0
         for task in range(max(self.tasks_learned, 1)):
             trace = PathTrace()
-            features.append(self.backbone(x, task, trace))
+            features.append(self.masked_path(x, task, trace)[1])
             total = total + trace.macs
         return features, total
 
     def learned_paths(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Features and head logits of every learned task's path (at least one), and the
-        MACs of all (heads included): compact paths where `runs_compact()`."""
+        """The task classifier's input from every learned task's path (at least one), the
+        paths' head logits, and the MACs of all (heads included): compact paths where
+        `runs_compact()`."""
         tasks = range(max(self.tasks_learned, 1))
         if self.runs_compact():
-            features, logits, macs = zip(*(self.compact_path(task).features_and_logits(x) for task in tasks))
+            paths = [self.compact_path(task) for task in tasks]
+            features, logits, macs = zip(*(path.features_and_logits(x, self.classifier_reads_stages)
+                                            for path in paths))
             return list(features), list(logits), sum(macs)
-        features, macs = self.path_features(x)
-        heads = [self.heads[task] for task in tasks]
-        return features, [head(f) for head, f in zip(heads, features)], \
-            macs + sum(head.in_features * head.out_features for head in heads)
+        read, logits, macs = [], [], 0
+        for task in tasks:
+            trace = PathTrace()
+            features, classifier_input = self.masked_path(x, task, trace)
+            head = self.heads[task]
+            read.append(classifier_input)
+            logits.append(head(features))
+            macs = macs + trace.macs + head.in_features * head.out_features
+        return read, logits, macs
 
     def classify_task(self, features: torch.Tensor) -> torch.Tensor:
-        """Task-classifier logits over the learned tasks, from their paths' features
-        concatenated, each path's scaled to norm sqrt(features) where
+        """Task-classifier logits over the learned tasks, from what it reads of their paths
+        concatenated, each path's scaled to norm sqrt(size) where
         `normalise_task_features` (so that no path's features dominate by their scale);
         paths not learned yet enter as zeros."""
-        learned = features.shape[1] // self.backbone.out_features
+        learned = features.shape[1] // self.task_features
         if self.normalise_task_features:
             per_path = features.view(len(features), learned, -1)
             features = (F.normalize(per_path, dim=2) * per_path.shape[2] ** 0.5).flatten(1)
@@ -375,10 +411,11 @@ class TaskPathNet(MultiTaskModule):
         return self.forward_with_macs(x, task_labels)[0]
 
 
-def build_path_model(spec: ModelSpec, make_layer: Callable) -> TaskPathNet:
-    """`spec`'s backbone with every layer made by `make_layer(layer, norm, tied=None)`."""
+def build_path_model(spec: ModelSpec, make_layer: Callable, classifier_layers: str = "last") -> TaskPathNet:
+    """`spec`'s backbone with every layer made by `make_layer(layer, norm, tied=None)`;
+    classifier_layers as `TaskPathNet`'s."""
     if spec.backbone not in PATH_BACKBONES:
         raise UserError(f"backbone {spec.backbone!r} has no per-task-path version; "
                         f"choose one of: {', '.join(PATH_BACKBONES)}")
     network = PATH_BACKBONES[spec.backbone](spec.input_shape[0], spec.width, spec.input_shape[1], make_layer)
-    return TaskPathNet(network, spec)
+    return TaskPathNet(network, spec, classifier_layers)

@@ -26,6 +26,9 @@ class TaskClassifierHparams(Hyperparameters):
     classifier_input: Literal["features", "normalised_features"] = Field(
         "features", description="class setting: the task classifier reads every path's features as they are, or each "
                                 "path's scaled to the same norm")
+    classifier_layers: Literal["last", "all"] = Field(
+        "last", description="class setting: the task classifier reads each path's last-layer features (the paper's), "
+                            "or the output of every stage of the backbone averaged over positions")
     classifier_training: Literal["after", "during", "both", "during_balanced"] = Field(
         "during_balanced", description="class setting: train the task classifier after each task on the frozen paths' features, "
                              "during each task with a memory batch replayed through every path (its loss also "
@@ -108,16 +111,16 @@ class TaskPathTraining(SupervisedTemplate):
         stored, stored_tasks = self.memory_batch()
         x = torch.cat([self.mb_x, stored])
         trace = PathTrace()
-        features = model.backbone(x, self.task, trace)
+        features, read = model.masked_path(x, self.task, trace)
         self.trace = PathTrace(masks=[mask[:batch] for mask in trace.masks],
                                probabilities=[p[:batch] for p in trace.probabilities])
         model.eval()  # learned paths as at test: deterministic gates, stored statistics
         with torch.no_grad():
-            learned = [model.backbone(x, task, PathTrace()) for task in range(self.task)]
+            learned = [model.masked_path(x, task)[1] for task in range(self.task)]
         model.train()
         tasks = torch.cat([torch.full((batch,), self.task, device=self.device), stored_tasks])
         every_task_equally = 1 / torch.bincount(tasks, minlength=self.task + 1).clamp(min=1).float()
-        self.classifier_loss = F.cross_entropy(model.classify_task(torch.cat([*learned, features], 1)), tasks,
+        self.classifier_loss = F.cross_entropy(model.classify_task(torch.cat([*learned, read], 1)), tasks,
                                                weight=every_task_equally)
         return model.heads[self.task](features[:batch])
 

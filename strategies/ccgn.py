@@ -99,7 +99,8 @@ class CCGN(Strategy):
 
     def make_model(self, spec):
         return build_path_model(spec, partial(GatedLayer, n_tasks=spec.n_tasks, temperature=self.hp.temperature,
-                                              closed_gates_learn=self.hp.closed_gates_learn))
+                                              closed_gates_learn=self.hp.closed_gates_learn),
+                                self.hp.classifier_layers)
 
     def make_trainer(self, model, setup):
         return ConditionalGating(model=model, optimizer=build_optimizer("adam", model.parameters(), self.hp.lr),

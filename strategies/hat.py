@@ -48,7 +48,10 @@ class HAT(Strategy):
     own_options = OPTIMIZER_OPTIONS
 
     def make_model(self, spec):
-        return build_path_model(spec, partial(AttentionLayer, n_tasks=spec.n_tasks, s_max=self.hp.s_max))
+        return build_path_model(spec, self.attention_layer(spec))
+
+    def attention_layer(self, spec):
+        return partial(AttentionLayer, n_tasks=spec.n_tasks, s_max=self.hp.s_max)
 
     def make_trainer(self, model, setup):
         return HardAttention(model=model, criterion=setup.criterion, hp=self.hp, **setup.template_kwargs())

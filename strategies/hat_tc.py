@@ -1,5 +1,6 @@
 from clbench.strategies.hat import HAT, HATHparams
 
+from clbench.path_network import build_path_model
 from clbench.path_training import TaskClassifierHparams, memory_after_last_task
 from clbench.registry import register
 
@@ -16,6 +17,9 @@ class HATTaskClassifier(HAT):
 
     class Hparams(HATHparams, TaskClassifierHparams):
         pass
+
+    def make_model(self, spec):
+        return build_path_model(spec, self.attention_layer(spec), self.hp.classifier_layers)
 
     def stored_examples(self, scenario):
         return memory_after_last_task(self.hp.memory_size, scenario.train_sizes)

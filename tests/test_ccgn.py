@@ -114,8 +114,9 @@ def test_sparsity_weight_lowers_gate_usage(tiny_scenario):
     assert usage(10.0) < usage(0.0) - 0.1
 
 
-@pytest.mark.parametrize("classifier_training", ["after", "during", "during_balanced"])
-def test_task_classifier_learns(classifier_training, tiny_scenario):
+@pytest.mark.parametrize("classifier_training,classifier_layers", [("after", "last"), ("during", "last"),
+                                                                 ("during_balanced", "last"), ("during_balanced", "all")])
+def test_task_classifier_learns(classifier_training, classifier_layers, tiny_scenario):
     accuracy = {}
 
     def task_accuracy(strategy, scenario, task):
@@ -135,7 +136,8 @@ def test_task_classifier_learns(classifier_training, tiny_scenario):
     # Width 32: at the default 8, `during` sat at 0.50-0.51 on three tasks, passing or not
     # with the float order of the thread count (channels-last changed it); 32 leaves it
     # at 0.575-0.60 with 1, 2 and 4 threads.
-    train(tiny_scenario, "class", 3, width=32, after_task=task_accuracy, classifier_training=classifier_training)
+    train(tiny_scenario, "class", 3, width=32, after_task=task_accuracy, classifier_training=classifier_training,
+          classifier_layers=classifier_layers)
     assert accuracy[1] > 0.6  # two tasks: chance is 1/2
     assert accuracy[2] > 0.5  # three tasks: chance is 1/3
 
@@ -156,6 +158,24 @@ def test_executed_macs_equal_dense_count_with_all_gates_open(backbone, setting, 
     assert macs.tolist() == [counter.get_total_flops() / 2 / 5] * 5
     _, macs = model.forward_with_macs(x, t)
     assert (macs < counter.get_total_flops() / 2 / 5).all()
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+def test_the_task_classifier_can_read_every_stage_of_each_path(backbone):
+    """classifier_layers "all": each path gives the classifier the output of every layer
+    (small CNN) or of the stem and every block (ResNet-18) averaged over positions, the
+    last being the path's features, and the classifier's input is sized for them."""
+    spec = ModelSpec(backbone, 4, (1, 28, 28), "class", [[0, 1], [2, 3], [4, 5]])
+    model = CCGN.from_hparams({"classifier_layers": "all"}).make_model(spec).eval()
+    stages = list(model.backbone.layers) if backbone == "small_cnn" else [model.backbone.stem, *model.backbone.blocks]
+    outputs = []
+    for stage in stages:
+        stage.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
+    with torch.no_grad():
+        features, read = model.masked_path(torch.randn(5, 1, 28, 28), 0)
+    assert torch.equal(read, torch.cat([out.mean((2, 3)) if out.dim() == 4 else out for out in outputs], 1))
+    assert torch.equal(read[:, -features.shape[1]:], features)
+    assert model.task_classifier[0].in_features == 3 * read.shape[1]
 
 
 def test_herding_picks_first_the_example_closest_to_the_mean_then_what_brings_the_mean_closer():

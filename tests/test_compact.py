@@ -20,7 +20,7 @@ from clbench.registry import get_strategy
 from clbench.runner import run
 
 
-def learned_model(strategy: str, backbone: str, setting: str) -> nn.Module:
+def learned_model(strategy: str, backbone: str, setting: str, hparams: dict | None = None) -> nn.Module:
     """A width-8 network of three tasks as after learning the first two, set by hand:
     batch norms hold the statistics of `inputs()` (so the signal neither dies nor
     explodes) and affine parameters away from their initial ones; then ccgn's tasks may
@@ -28,7 +28,7 @@ def learned_model(strategy: str, backbone: str, setting: str) -> nn.Module:
     1 for most others and fractional for the rest; task 2 keeps nothing of the second layer."""
     torch.manual_seed(0)
     spec = ModelSpec(backbone, 8, (1, 28, 28), setting, [[0, 1], [2, 3], [4, 5]])
-    model = get_strategy(strategy).from_hparams({}).make_model(spec)
+    model = get_strategy(strategy).from_hparams(hparams or {}).make_model(spec)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
         for norm in norms:
@@ -99,6 +99,23 @@ def test_compact_paths_compute_what_the_masked_layers_do(strategy, backbone, set
     else:
         fractional = torch.cat(trace.masks, 1)[0]
         assert ((fractional > 0) & (fractional < 1)).any(), "some attention should be fractional"
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("strategy", ["ccgn", "hat_tc"])
+def test_compact_paths_give_a_task_classifier_reading_every_stage_what_the_masked_layers_do(strategy, backbone):
+    model = learned_model(strategy, backbone, "class", {"classifier_layers": "all"})
+    x, tasks = inputs()
+    with torch.no_grad():
+        compact_read, _, _ = model.learned_paths(x)
+        model.compact_inference = False
+        masked_read, _, _ = model.learned_paths(x)
+        model.compact_inference = True
+    assert [r.shape for r in masked_read] == [(len(x), model.backbone.stage_features)] * 2
+    assert all(torch.allclose(c, m, atol=1e-5) for c, m in zip(compact_read, masked_read))
+    assert all(r.std(0).max() > 1e-3 for r in masked_read), "what the classifier reads should differ between samples"
+    (compact, _), (masked, _) = compact_and_masked(model, x, tasks)
+    assert torch.allclose(compact, masked, atol=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["ccgn", "hat"])
