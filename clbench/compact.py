@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from clbench.models import channels_last
 from clbench.path_network import PathBasicBlock, PathLayer, PathResNet18, PathSmallCNN, TaskPathNet, masked_macs
@@ -220,7 +221,12 @@ COMPACT_BACKBONES = {PathSmallCNN: CompactSmallCNN, PathResNet18: CompactResNet1
 
 
 def tensors_of(modules: list[nn.Module]) -> list[torch.Tensor]:
-    return [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+    """The modules' own tensors, and where a tensor is parametrised (ltp's soft
+    thresholds), every tensor it is computed from."""
+    own = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+    computed_from = [t for m in modules if parametrize.is_parametrized(m)
+                     for t in (*m.parametrizations.parameters(), *m.parametrizations.buffers())]
+    return own + computed_from
 
 
 def tensor_state(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:

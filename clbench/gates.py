@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.compact import folded
-from clbench.path_network import PathLayer, PathTrace
+from clbench.path_network import PathLayer, PathTrace, raw_tensor
 
 GATE_HIDDEN = 16
 
@@ -82,7 +82,7 @@ class GatedLayer(PathLayer):
         for module in self.kernel_modules():
             fresh = type(module)(*_constructor_args(module))
             for name, value in list(fresh.named_parameters()) + list(fresh.named_buffers()):
-                current = getattr(module, name)
+                current = raw_tensor(module, name)
                 if current.dim() > 0 and len(current) == len(free):
                     current[free] = value[free].to(current.device)
 

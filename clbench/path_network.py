@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from avalanche.models import MultiTaskModule
 from torch import nn
+from torch.nn.utils import parametrize
 
 from clbench.errors import UserError
 from clbench.models import ModelSpec, channels_last, resnet_layout
@@ -50,6 +51,14 @@ class FreezableBatchNorm2d(nn.BatchNorm2d):
         self.running_mean = torch.where(self.frozen, self.running_mean, mean)
         self.running_var = torch.where(self.frozen, self.running_var, var)
         return torch.where(self.frozen[None, :, None, None], kept, trained)
+
+
+def raw_tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """`module`'s tensor `name` as stored: where `torch.nn.utils.parametrize` computes it
+    (ltp's soft thresholds), the original it is computed from."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
 
 
 def masked_macs(in_mask: torch.Tensor, out_mask: torch.Tensor, per_pair: int) -> torch.Tensor:
@@ -148,8 +157,11 @@ class PathLayer(nn.Module):
         return [m for m in [self.layer, self.norm] + list(self.tied or []) if m is not None]
 
     def kernel_parameters(self) -> list[torch.Tensor]:
-        """Every parameter whose first dimension indexes this layer's kernels."""
-        return [p for m in self.kernel_modules() for p in m.parameters(recurse=False)]
+        """Every parameter whose first dimension indexes this layer's kernels (of a weight
+        parametrised by a module, such as ltp's soft thresholds, the original)."""
+        return [p for m in self.kernel_modules() for p in m.parameters(recurse=False)] + \
+            [raw_tensor(m, name) for m in self.kernel_modules() if parametrize.is_parametrized(m)
+             for name in m.parametrizations]
 
     def set_frozen_statistics(self, frozen: torch.Tensor) -> None:
         for module in self.kernel_modules():

@@ -46,10 +46,18 @@ Choices where the paper leaves room or this differs from it:
   pruned network's average accuracy after the fifth is 0.9715 (0.9785 without ltp).
 
 Protected weights: per-layer thresholds are shared by all tasks and keep learning, so a
-threshold that rises later prunes (and already soft-masks) weights a past task relies
-on. ccgn, hat and hat_tc (whose learned paths must not change) and packnet (which keeps
-each task's weights fixed) are therefore refused; with the other strategies pruning past
-tasks' weights is part of what is measured (forgetting@ltp).
+threshold that rises later would prune (and already soft-masks) weights a past task
+relies on. With ccgn the kernels (output channels) a learned task froze are pruned for
+good when they freeze: after each task their weights are replaced by their hard-pruned
+values (below the threshold exactly zero, the others unscaled), and from then on they are
+outside the soft mask, whatever the thresholds do. A past task's path therefore never
+changes, in the float network and in the deployed one (tested); free kernels, which
+ccgn re-initialises before each task, are pruned by the thresholds as they stand. A task
+is evaluated after its kernels are fixed, so its float accuracy is that of its
+hard-pruned kernels. hat and hat_tc are refused: HAT protects each weight in proportion
+to the attention of the units it joins, not whole kernels, so no weight is ever done
+with; packnet too, which keeps each task's weights fixed by its own pruning. With the
+other strategies pruning past tasks' weights is part of what is measured (forgetting@ltp).
 
 Measures: `sparsity`, the share of the pruned layers' weights that are zero;
 `model_size_bits`, the nonzero weights at 32 bits plus one bit per weight of a pruned layer
@@ -73,29 +81,36 @@ from torch.utils.data import Dataset
 
 from clbench.errors import UserError
 from clbench.models import model_size_bytes, unparametrise
-from clbench.path_network import TaskPathNet
+from clbench.gates import GatedLayer
+from clbench.path_network import PathLayer, TaskPathNet
 from clbench.registry import Module, ModuleOptions, Variant, register_module
 
 
 class SoftThreshold(nn.Module):
     """The parametrisation w -> w * sigmoid((w^2 / s - threshold) / temperature) of one
     layer's weight, s its mean squared value when attached; `hard`: w * (w^2 / s >=
-    threshold), the deployed weight."""
+    threshold), the deployed weight. Rows (kernels) marked `fixed` hold their pruned
+    weights already: they are kept where nonzero, whatever the threshold."""
 
     def __init__(self, weight: torch.Tensor, threshold: float, temperature: float):
         super().__init__()
         self.register_buffer("scale", weight.detach().pow(2).mean())
+        self.register_buffer("fixed", torch.zeros(len(weight), dtype=torch.bool, device=weight.device))
         self.threshold = nn.Parameter(torch.tensor(threshold, device=weight.device))
         self.temperature = temperature
         self.hard = False
 
+    def rows_fixed(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.fixed.view(-1, *[1] * (weight.dim() - 1))
+
     def kept(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight.pow(2) / self.scale >= self.threshold
+        return torch.where(self.rows_fixed(weight), weight != 0, weight.pow(2) / self.scale >= self.threshold)
 
     def mask(self, weight: torch.Tensor) -> torch.Tensor:
         if self.hard:
             return self.kept(weight).to(weight.dtype)
-        return torch.sigmoid((weight.pow(2) / self.scale - self.threshold) / self.temperature)
+        soft = torch.sigmoid((weight.pow(2) / self.scale - self.threshold) / self.temperature)
+        return torch.where(self.rows_fixed(weight), (weight != 0).to(weight.dtype), soft)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask(weight.detach())  # the paper's eq. (14): dv/dw = mask
@@ -103,9 +118,29 @@ class SoftThreshold(nn.Module):
 
 def pruned_layers(model: nn.Module) -> list[nn.Conv2d | nn.Linear]:
     """The conv and linear layers of the shared backbone (`features` of clbench's networks,
-    which iCaRL's template holds as `feature_extractor`), not the heads."""
+    which iCaRL's template holds as `feature_extractor`; the masked layers of ccgn's, not
+    its gating modules), not the heads."""
+    if isinstance(model, TaskPathNet):
+        return [m for _, m in path_layer_weights(model)]
     backbone = model.features if hasattr(model, "features") else model.feature_extractor
     return [m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def path_layer_weights(model: TaskPathNet) -> list[tuple[PathLayer, nn.Conv2d | nn.Linear]]:
+    """Each masked layer's conv or linear layers (a projection shortcut's with its layer's)."""
+    return [(path_layer, m) for path_layer in model.path_layers for m in [path_layer.layer, *(path_layer.tied or [])]
+            if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@torch.no_grad()
+def prune_frozen_kernels_for_good(model: TaskPathNet) -> None:
+    """ccgn: the kernels frozen since the last call take their hard-pruned weights and
+    leave the soft mask (`SoftThreshold.fixed`)."""
+    for path_layer, layer in path_layer_weights(model):
+        weight, soft = layer.parametrizations.weight.original, layer.parametrizations.weight[0]
+        newly = path_layer.frozen & ~soft.fixed
+        weight[newly] = torch.where(soft.kept(weight)[newly], weight[newly], 0.0)
+        soft.fixed |= newly
 
 
 def attach(model: nn.Module, threshold: float, temperature: float) -> None:
@@ -155,6 +190,11 @@ class LearnedThresholds(SupervisedPlugin):
         # Before the template's first make_optimizer, which adds the thresholds to the optimiser.
         attach(strategy.model, self.options.initial_threshold, self.options.temperature)
 
+    def after_training_exp(self, strategy, **kwargs):
+        # After the template's own, where ccgn froze the task's kernels; before evaluation.
+        if isinstance(strategy.model, TaskPathNet):
+            prune_frozen_kernels_for_good(strategy.model)
+
     def before_backward(self, strategy, **kwargs):
         target, weight = self.options.target_sparsity, self.options.l0_weight
         if target is not None and hard_sparsity(strategy.model) > target:
@@ -166,7 +206,8 @@ class LearnedThresholds(SupervisedPlugin):
 class LearnedThresholdPruning(Module):
     """Learned-threshold pruning (Azarian et al. 2020): per-layer thresholds learned through
     a soft mask and an L0 term while the strategy trains; variant `ltp`, the network
-    hard-pruned at those thresholds. Not with ccgn, hat, hat_tc or packnet."""
+    hard-pruned at those thresholds. With ccgn a task's kernels are pruned for good when
+    they freeze; not with hat, hat_tc or packnet."""
 
     name = "ltp"
 
@@ -178,10 +219,11 @@ class LearnedThresholdPruning(Module):
             None, gt=0, lt=1, description="above this hard-pruned sparsity the L0 term's sign is flipped (none: never)")
 
     def check_model(self, model: nn.Module) -> None:
-        if isinstance(model, (TaskPathNet, PackNetModule)):
-            raise UserError("ltp cannot run with ccgn, hat, hat_tc or packnet: its per-layer thresholds are shared by "
-                            "all tasks and keep learning, so they would prune weights these strategies keep fixed "
-                            "for past tasks")
+        gated = isinstance(model, TaskPathNet) and all(isinstance(m, GatedLayer) for m in model.path_layers)
+        if isinstance(model, PackNetModule) or (isinstance(model, TaskPathNet) and not gated):
+            raise UserError("ltp cannot run with hat, hat_tc or packnet: its per-layer thresholds are shared by all "
+                            "tasks and keep learning, so they would prune weights these strategies keep for past "
+                            "tasks (ccgn's, whole kernels, are pruned for good when they freeze)")
 
     def plugins(self) -> list[SupervisedPlugin]:
         return [LearnedThresholds(self.options)]

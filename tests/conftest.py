@@ -59,17 +59,18 @@ def register_tiny(monkeypatch) -> str:
     return "tiny"
 
 
-def train_tasks(strategy_cls, scenario_name, setting, tasks, backbone, width, hparams, after_task=None):
+def train_tasks(strategy_cls, scenario_name, setting, tasks, backbone, width, hparams, after_task=None, plugins=()):
     """Train a strategy on the first `tasks` tasks of a 28x28 scenario (2 epochs, batch 32,
-    SGD 0.01 unless the strategy has its own optimiser); `after_task(trainer, scenario,
-    task)` runs after each."""
+    SGD 0.01 unless the strategy has its own optimiser), with `plugins` (a module's);
+    `after_task(trainer, scenario, task)` runs after each."""
     torch.manual_seed(0)
     scenario = build_scenario(scenario_name, setting, None, 0, False)
     strategy = strategy_cls.from_hparams(hparams)
     model = strategy.make_model(ModelSpec(backbone, width, (1, 28, 28), setting, scenario.task_classes))
     setup = TrainingSetup(make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9),
                           criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32, train_epochs=2,
-                          eval_mb_size=256, device="cpu", evaluator=partial(EvaluationPlugin, loggers=[]))
+                          eval_mb_size=256, device="cpu", plugins=list(plugins),
+                          evaluator=partial(EvaluationPlugin, loggers=[]))
     trainer = strategy.make_trainer(model, setup)
     for task, experience in enumerate(scenario.benchmark.train_stream[:tasks]):
         trainer.train(experience)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from clbench.modules import ltp, ptq
-from conftest import load_script, run_until_first_checkpoint
+from conftest import load_script, run_until_first_checkpoint, train_tasks
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -18,7 +18,7 @@ from clbench.cli import main
 from clbench.config import RunConfig, parse_module
 from clbench.models import ModelSpec, build_model
 from clbench.plots import cost_points, pareto_front
-from clbench.registry import load_modules
+from clbench.registry import get_strategy, load_modules
 from clbench.report import configurations, write_report
 from clbench.results import load_metrics, with_labels
 from clbench.runner import run
@@ -165,10 +165,9 @@ def test_module_syntax_on_the_command_line():
     (["--module", "ltp:temperature=0"], "invalid options for module 'ltp'"),
     (["--module", "ltp:target_sparsity=1"], "invalid options for module 'ltp'"),
     # Its thresholds would prune weights these strategies keep fixed for past tasks.
-    (["--strategy", "ccgn", "--module", "ltp"], "ltp cannot run with ccgn"),
-    (["--strategy", "hat", "--module", "ltp"], "ltp cannot run with ccgn, hat"),
-    (["--strategy", "hat_tc", "--setting", "class", "--module", "ltp"], "ltp cannot run with ccgn, hat, hat_tc"),
-    (["--strategy", "packnet", "--epochs", "2", "--module", "ltp"], "ltp cannot run with ccgn, hat, hat_tc or packnet"),
+    (["--strategy", "hat", "--module", "ltp"], "ltp cannot run with hat, hat_tc or packnet"),
+    (["--strategy", "hat_tc", "--setting", "class", "--module", "ltp"], "ltp cannot run with hat, hat_tc or packnet"),
+    (["--strategy", "packnet", "--epochs", "2", "--module", "ltp"], "ltp cannot run with hat, hat_tc or packnet"),
 ])
 def test_bad_modules_exit_2_with_one_line(args, message, tiny_scenario, tmp_path, capsys):
     assert main(["run", "--scenario", tiny_scenario, "--results-dir", str(tmp_path), *args]) == 2
@@ -270,6 +269,36 @@ def test_ltp_deploys_exact_zeros_below_the_thresholds_and_leaves_the_trained_net
     assert 0.5 < zeros / total < 0.65
     torch.testing.assert_close(model(x), soft_output)  # the copy's pruning did not reach the original
     assert not torch.allclose(pruned(x), soft_output)
+
+
+def test_ltp_on_ccgn_prunes_a_tasks_kernels_for_good_when_they_freeze(tiny_scenario):
+    """A past task's path, float and deployed, gives the same outputs after a later task
+    moved the thresholds; its kernels hold exact zeros where pruned and are outside the
+    soft mask, while the free kernels are still soft-thresholded."""
+    seen = {}
+
+    def check(strategy, scenario, task):
+        model = strategy.model.eval()
+        x = next(iter(torch.utils.data.DataLoader(scenario.benchmark.test_stream[0].dataset.eval(), batch_size=64)))[0]
+        with torch.no_grad():
+            outputs = model.forward_single_task(x, 0), ltp.deployed(model, 0.0, 0.05).forward_single_task(x, 0)
+        thresholds = [soft.threshold.item() for _, soft in ltp.thresholds(model)]
+        if task == 0:
+            seen.update(outputs=outputs, thresholds=thresholds)
+            return
+        assert thresholds != seen["thresholds"], "the later task should move the thresholds"
+        assert all(torch.equal(after, before) for after, before in zip(outputs, seen["outputs"]))
+        for path_layer, layer in ltp.path_layer_weights(model):
+            weight, soft = layer.parametrizations.weight.original, layer.parametrizations.weight[0]
+            assert torch.equal(soft.fixed, path_layer.frozen)
+            assert torch.equal(layer.weight[soft.fixed], weight[soft.fixed])  # no soft mask on them
+            assert (weight[soft.fixed] == 0).any()
+        free = [soft.mask(weight)[~soft.fixed] for weight, soft in ltp.thresholds(model)]
+        assert any(((m > 0) & (m < 1)).any() for m in free), "free kernels should stay soft-thresholded"
+
+    options = load_modules()["ltp"].Options(l0_weight=5)
+    train_tasks(get_strategy("ccgn"), tiny_scenario, "task", 2, "small_cnn", 8, {"lr": 0.01}, check,
+                plugins=[ltp.LearnedThresholds(options)])
 
 
 def test_ltp_holds_a_target_sparsity_and_measures_the_deployed_network(tiny_scenario, tmp_path):
