@@ -363,9 +363,8 @@ class TaskPathNet(MultiTaskModule):
         `runs_compact()`."""
         tasks = range(max(self.tasks_learned, 1))
         if self.runs_compact():
-            paths = [self.compact_path(task) for task in tasks]
-            features, logits, macs = zip(*(path.features_and_logits(x, self.classifier_reads_stages)
-                                            for path in paths))
+            features, logits, macs = zip(*(self.compact_path(task).features_and_logits(x, self.classifier_reads_stages)
+                                            for task in tasks))
             return list(features), list(logits), sum(macs)
         read, logits, macs = [], [], 0
         for task in tasks:
