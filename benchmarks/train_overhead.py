@@ -25,7 +25,11 @@ process's CPU time, which on a shared machine counts only the time the benchmark
 loop is its time over the variant's (1.0: as fast), and ccgn's cost over its ungated
 backbone the ratio ccgn / naive_adam.
 
-Usage: python benchmarks/train_overhead.py --threads 1 [--tiny]
+With `--profile VARIANT`, instead of timing: one run of that variant after a warm-up
+run, under PyTorch's profiler, and its costliest operators by self CPU time, per network
+(no CSV): where a variant's time goes.
+
+Usage: python benchmarks/train_overhead.py --threads 1 [--tiny] [--profile ccgn]
 """
 
 from __future__ import annotations
@@ -151,6 +155,15 @@ def timings(builders: dict[str, Callable[[], Run]], rounds: int) -> tuple[dict, 
     return cpu, wall, iterations
 
 
+def profile(build: Callable[[], Run]) -> str:
+    """The costliest operators of one run after a warm-up run, by self CPU time."""
+    build()()
+    train = build()
+    with torch.profiler.profile() as profiler:
+        train()
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -161,6 +174,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="narrow networks, 32 images per digit, 2 rounds: "
                                                             "a check in seconds")
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
+    parser.add_argument("--profile", choices=["bare", "bare_nchw", "avalanche_naive", *CLBENCH_VARIANTS],
+                        help="profile this variant instead of timing every one (no CSV)")
     args = parser.parse_args(argv)
     rounds = 2 if args.tiny else args.rounds
     networks = [("small_cnn", 4 if args.tiny else RunConfig().width),
@@ -172,11 +187,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         machine = machine_columns()
         for backbone, width in networks:
             spec = ModelSpec(backbone, width, scenario.spec.input_shape, "task", scenario.task_classes)
+            if args.profile:
+                print(f"{backbone} (width {width}), {args.profile}:\n"
+                      f"{profile(variants(spec, experiences, args.batch)[args.profile])}")
+                continue
             cpu, wall, iterations = timings(variants(spec, experiences, args.batch), rounds)
             rows += [{"backbone": backbone, "width": width, **row, "tasks": args.tasks, "batch": args.batch,
                       "rounds": rounds, **machine} for row in variant_rows(cpu, wall, iterations)]
-    print_table(rows)
-    write_csv(rows, COLUMNS, args.output)
+    if rows:
+        print_table(rows)
+        write_csv(rows, COLUMNS, args.output)
     return rows
 
 

@@ -31,6 +31,15 @@ def test_train_overhead_benchmark_writes_its_table(tmp_path, capsys):
     assert "speed vs bare" in capsys.readouterr().out
 
 
+def test_train_overhead_benchmark_profiles_one_variant_without_a_table(tmp_path, capsys):
+    output = tmp_path / "train_overhead.csv"
+    assert benchmark("train_overhead").main(["--tiny", "--threads", "1", "--tasks", "1", "--profile", "ccgn",
+                                             "--output", str(output)]) == []
+    printed = capsys.readouterr().out
+    assert "small_cnn (width 4), ccgn:" in printed and "resnet18 (width 2), ccgn:" in printed
+    assert "aten::convolution_backward" in printed and not output.exists()
+
+
 def test_channel_counts_benchmark_writes_its_table(tmp_path):
     channel_counts = benchmark("channel_counts")
     output = tmp_path / "channel_counts.csv"
