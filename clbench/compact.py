@@ -96,9 +96,11 @@ class CompactConv:
 
 
 class CompactLayer:
-    """A `PathLayer` cut to the channels one task keeps, masked by that task's mask at test."""
+    """A `PathLayer` cut to the channels one task keeps (`kept` of `out_units`), masked by
+    that task's mask at test."""
 
     def __init__(self, layer: PathLayer, task: int, kept_in: torch.Tensor, kept_out: torch.Tensor):
+        self.kept, self.out_units = kept_out, layer.out_units
         self.conv = CompactConv(layer.layer, layer.norm, kept_in, kept_out)
         if layer.kept_channels(task).any():
             self.mask = layer.compact_mask(task, kept_in, kept_out)
@@ -130,13 +132,12 @@ class CompactSmallCNN:
         self.in_channels, self.spatial = network.in_channels, network.spatial_after_convs
         device = network.layers[0].layer.weight.device
         kept_in = torch.arange(self.in_channels, device=device)
-        self.layers, self.kept_per_layer = [], []
+        self.layers = []
         for index, layer in enumerate(network.layers):
             if index == 2:  # flattened: channel c's features are c * spatial + position
                 kept_in = (kept_in[:, None] * self.spatial + torch.arange(self.spatial, device=device)).flatten()
             kept_out = kept(layer, task)
             self.layers.append(CompactLayer(layer, task, kept_in, kept_out))
-            self.kept_per_layer.append((kept_out, layer.out_units))
             kept_in = kept_out
         self.kept = kept_in
 
@@ -154,14 +155,16 @@ class CompactSmallCNN:
             x, macs = F.relu(x), macs + layer_macs
             if pooled:
                 x = F.max_pool2d(x, 2)[:, :layer.conv.out_channels]  # the next convolution reads this view
-            pool_stage(stages, x, *self.kept_per_layer[index])
+            pool_stage(stages, x, layer.kept, layer.out_units)
         return x, macs
 
 
 class CompactBlock:
-    """`PathBasicBlock` cut to one task's channels, given those its input keeps."""
+    """`PathBasicBlock` cut to one task's channels, given those its input keeps; its
+    output holds channels `kept` of `out_units`."""
 
     def __init__(self, block: PathBasicBlock, task: int, kept_in: torch.Tensor):
+        self.out_units = block.conv2.out_units
         middle, out = kept(block.conv1, task), kept(block.conv2, task)
         self.conv1 = CompactLayer(block.conv1, task, kept_in, middle)
         self.conv2 = CompactLayer(block.conv2, task, middle, out)
@@ -193,11 +196,9 @@ class CompactResNet18:
         self.in_channels = network.in_channels
         all_inputs = torch.arange(self.in_channels, device=network.stem.layer.weight.device)
         self.stem = CompactLayer(network.stem, task, all_inputs, kept(network.stem, task))
-        self.stem_kept = kept(network.stem, task), network.stem.out_units
-        self.blocks, self.block_channels, kept_in = [], [], self.stem_kept[0]
+        self.blocks, kept_in = [], self.stem.kept
         for block in network.blocks:
             self.blocks.append(CompactBlock(block, task, kept_in))
-            self.block_channels.append(block.conv2.out_units)
             kept_in = self.blocks[-1].kept
         self.kept = kept_in
         self.layers = [self.stem] + [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
@@ -209,11 +210,11 @@ class CompactResNet18:
         `PathTrace.stages`."""
         x, active, macs = self.stem(channels_last(x), torch.ones(len(x), self.in_channels, device=x.device))
         x = F.relu(x)
-        pool_stage(stages, x, *self.stem_kept)
-        for block, channels in zip(self.blocks, self.block_channels):
+        pool_stage(stages, x, self.stem.kept, self.stem.out_units)
+        for block in self.blocks:
             x, active, block_macs = block(x, active)
             macs = macs + block_macs
-            pool_stage(stages, x, block.kept, channels)
+            pool_stage(stages, x, block.kept, block.out_units)
         return x.mean((2, 3)), macs
 
 

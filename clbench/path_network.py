@@ -177,13 +177,13 @@ class PathSmallCNN(nn.Module):
     def __init__(self, in_channels: int, width: int, input_size: int, make_layer: Callable):
         super().__init__()
         self.in_channels, self.out_features = in_channels, 4 * width
-        self.stage_features = 6 * width  # every layer is a stage
         self.spatial_after_convs = (input_size // 4) ** 2
         self.layers = nn.ModuleList([
             make_layer(nn.Conv2d(in_channels, width, 3, padding=1), None),
             make_layer(nn.Conv2d(width, width, 3, padding=1), None),
             make_layer(nn.Linear(width * self.spatial_after_convs, self.out_features), None),
         ])
+        self.stage_features = sum(layer.out_units for layer in self.layers)  # every layer is a stage
 
     def forward(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
         x, active = channels_last(x), torch.ones(len(x), self.in_channels, device=x.device)
@@ -235,7 +235,6 @@ class PathResNet18(nn.Module):
     def __init__(self, in_channels: int, width: int, input_size: int, make_layer: Callable):
         super().__init__()
         self.in_channels, self.out_features = in_channels, 8 * width
-        self.stage_features = 31 * width  # the stem and every block are stages
         self.stem = make_layer(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), FreezableBatchNorm2d(width))
         blocks, channels = [], width
         for stage, stride in enumerate((1, 2, 2, 2)):
@@ -243,6 +242,8 @@ class PathResNet18(nn.Module):
             blocks += [PathBasicBlock(channels, out, stride, make_layer), PathBasicBlock(out, out, 1, make_layer)]
             channels = out
         self.blocks = nn.ModuleList(blocks)
+        # The stem and every block are stages.
+        self.stage_features = self.stem.out_units + sum(block.conv2.out_units for block in self.blocks)
 
     def forward(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
         active = torch.ones(len(x), self.in_channels, device=x.device)
