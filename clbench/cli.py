@@ -139,17 +139,18 @@ def echo_fields(options) -> None:
 
 
 @cli.command()
-@click.argument("results_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("results_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--output", type=click.Path(dir_okay=False), help="also write the Markdown table to this file")
-def table(results_dir, output):
-    """Final metrics of the finished runs under RESULTS_DIR, mean ± std over seeds, as a
-    Markdown table (unfinished and damaged runs are left out and listed)."""
+def table(results_dirs, output):
+    """Final metrics of the finished runs under RESULTS_DIRS (one or more folders), mean ±
+    std over seeds, as a Markdown table (unfinished and damaged runs are left out and
+    listed)."""
     from clbench.report import summary_table
     from clbench.results import load_finished_runs, summarise_runs
 
-    runs, left_out = load_finished_runs(results_dir)
+    runs, left_out = load_finished_runs(*results_dirs)
     if runs.empty:
-        raise UserError(f"no finished runs under {results_dir}")
+        raise UserError(f"no finished runs under {', '.join(results_dirs)}")
     text = summary_table(summarise_runs(runs)).to_markdown(index=False, disable_numparse=True)
     click.echo(text)
     echo_left_out(left_out)

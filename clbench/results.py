@@ -265,31 +265,31 @@ def read_run(run_dir: Path) -> pd.DataFrame:
     return table.assign(**keys, run_dir=str(run_dir))
 
 
-def load_metrics(root: str | Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
-    """Every metric of every finished run under `root` as one long table (the run's keys,
-    seed and folder, then metric, step, task, value), and the run folders left out, each
-    with why: not finished, or damaged. Hidden folders (a run being overwritten) are
+def load_metrics(*roots: str | Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    """Every metric of every finished run under the `roots` as one long table (the run's
+    keys, seed and folder, then metric, step, task, value), and the run folders left out,
+    each with why: not finished, or damaged. Hidden folders (a run being overwritten) are
     skipped."""
     frames, left_out = [], []
-    root = Path(root)
-    for config_path in sorted(root.rglob("config.yaml")):
-        run_dir = config_path.parent
-        if any(part.startswith(".") for part in run_dir.relative_to(root).parts):
-            continue
-        if not (run_dir / COMPLETED).exists():
-            left_out.append((run_dir, "not finished"))
-            continue
-        try:
-            frames.append(read_run(run_dir))
-        except DamagedRun as error:
-            left_out.append((run_dir, f"damaged: {error}"))
+    for root in map(Path, roots):
+        for config_path in sorted(root.rglob("config.yaml")):
+            run_dir = config_path.parent
+            if any(part.startswith(".") for part in run_dir.relative_to(root).parts):
+                continue
+            if not (run_dir / COMPLETED).exists():
+                left_out.append((run_dir, "not finished"))
+                continue
+            try:
+                frames.append(read_run(run_dir))
+            except DamagedRun as error:
+                left_out.append((run_dir, f"damaged: {error}"))
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()), left_out
 
 
-def load_finished_runs(root: str | Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
-    """Final-step metrics of every finished run under `root` (see `final_metrics`), and
-    the run folders left out (see `load_metrics`)."""
-    metrics, left_out = load_metrics(root)
+def load_finished_runs(*roots: str | Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    """Final-step metrics of every finished run under the `roots` (see `final_metrics`),
+    and the run folders left out (see `load_metrics`)."""
+    metrics, left_out = load_metrics(*roots)
     return final_metrics(metrics), left_out
 
 

@@ -1,9 +1,9 @@
-"""Side by side: what the ccgn paper reports on a scenario and what a clbench results
-folder measured, cell by cell (issue 14).
+"""Side by side: what the ccgn paper reports on a scenario and what clbench results
+folders measured, cell by cell (issue 14).
 
-    python scripts/paper_comparison.py results/split_mnist_paper configs/paper/split_mnist_reported.yaml
+    python scripts/paper_comparison.py results/split_mnist_paper --reported configs/paper/split_mnist_reported.yaml
 
-Accuracy: the average accuracy after the last task, mean ± std over the folder's runs of
+Accuracy: the average accuracy after the last task, mean ± std over the folders' runs of
 each strategy and setting. MACs: executed MACs per test sample after a task (averaged
 over the tasks learned) over the dense backbone's, which naive in the same setting runs.
 A reported range is compared with its midpoint. Prints a Markdown table; --output also
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from clbench.results import load_metrics
+from clbench.results import RUN_KEYS, load_metrics
 
 
 def reported_value(value) -> tuple[str, float]:
@@ -30,6 +30,9 @@ def comparison(metrics: pd.DataFrame, reported: dict) -> pd.DataFrame:
         rows = metrics[(metrics.setting == setting) & (metrics.strategy == strategy) & (metrics.metric == metric)
                        & metrics.task.isna()]
         rows = rows[rows.step == (rows.step.max() if step is None else step)]
+        if len(rows[RUN_KEYS].drop_duplicates()) > 1:
+            raise SystemExit(f"error: the folders hold {strategy} in the {setting} setting under more than one "
+                             "configuration; give folders that hold one")
         return rows.set_index("run_dir").value
 
     rows = []
@@ -53,11 +56,12 @@ def comparison(metrics: pd.DataFrame, reported: dict) -> pd.DataFrame:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results_dir")
-    parser.add_argument("reported", help="YAML file of the paper's numbers (configs/paper/*_reported.yaml)")
+    parser.add_argument("results_dirs", nargs="+", help="results folders, each run of a strategy and setting in one")
+    parser.add_argument("--reported", required=True,
+                        help="YAML file of the paper's numbers (configs/paper/*_reported.yaml)")
     parser.add_argument("--output", help="also write the Markdown table here")
     args = parser.parse_args()
-    metrics, _ = load_metrics(args.results_dir)
+    metrics, _ = load_metrics(*args.results_dirs)
     with open(args.reported) as file:
         table = comparison(metrics, yaml.safe_load(file)).to_markdown(index=False)
     print(table)

@@ -121,6 +121,16 @@ def test_a_task_setting_run_records_the_class_setting_hyperparameters_at_their_d
     assert results.recorded_config(older_class)["hparams"]["memory_size"] == 200
 
 
+def test_the_table_pools_the_seeds_of_one_configuration_across_folders(tmp_path, capsys):
+    fabricate_run(tmp_path / "sweep", "a", 0, 0.5)
+    fabricate_run(tmp_path / "ablation", "a", 1, 0.7)
+    fabricate_run(tmp_path / "ablation", "b", 0, 0.3, finished=False)
+    assert main(["table", str(tmp_path / "sweep"), str(tmp_path / "ablation")]) == 0
+    out, err = capsys.readouterr()
+    assert "0.600 ± 0.141" in out and "| b " not in out
+    assert "not finished" in err
+
+
 def test_runs_are_counted_not_their_distinct_seeds(tmp_path):
     fabricate_run(tmp_path / "here", "a", 0, 0.5)
     fabricate_run(tmp_path / "there", "a", 0, 0.7)
