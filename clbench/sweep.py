@@ -2,8 +2,8 @@
 
 A sweep file has `base`, options shared by every run (any key of `clbench run`'s config,
 `hparams` included, and `config`, a run config file such as a protocol preset whose
-options come first), and `grid`, one mapping or a list of them: in each, a list value is
-swept over, and every combination is one run. For example
+options come first), and `grid`, one mapping or a list of them: in each, with `base`
+under it, a list value is swept over, and every combination is one run. For example
 
     base: {scenario: split_mnist, data_root: ../shared/data, results_dir: results/split_mnist}
     grid:
@@ -60,12 +60,9 @@ def run_id(cfg: RunConfig) -> str:
 
 
 def combinations(entry: dict) -> list[dict]:
-    """Every combination of the list values of `entry` (and of its `hparams`)."""
-    hparams = entry.get("hparams") or {}
-    if not isinstance(hparams, dict):
-        raise UserError("a sweep's hparams must be a mapping of name: value or list of values")
+    """Every combination of the list values of `entry` (and of its `hparams`, a mapping)."""
     flat = {**{key: value for key, value in entry.items() if key != "hparams"},
-            **{("hparams", key): value for key, value in hparams.items()}}
+            **{("hparams", key): value for key, value in (entry.get("hparams") or {}).items()}}
     choices = [value if isinstance(value, list) else [value] for value in flat.values()]
     expanded = []
     for values in itertools.product(*choices):
@@ -90,14 +87,16 @@ def expand(sweep: dict) -> list[RunConfig]:
         raise UserError("a sweep's base and each entry of its grid must be mappings of option: value")
     base = dict(base)
     preset = base.pop("config", None)
+    if not all(isinstance(part.get("hparams") or {}, dict) for part in (base, *grid)):
+        raise UserError("a sweep's hparams must be a mapping of name: value or list of values")
     configs = []
     for entry in grid:
-        for combination in combinations(entry):
-            merged = {**base, **combination, "hparams": {**(base.get("hparams") or {}), **combination["hparams"]}}
+        merged = {**base, **entry, "hparams": {**(base.get("hparams") or {}), **(entry.get("hparams") or {})}}
+        for combination in combinations(merged):
             try:
-                configs.append(resolve_config(preset, merged))
+                configs.append(resolve_config(preset, combination))
             except UserError as error:
-                raise UserError(f"invalid run in the sweep ({merged}): {error}") from None
+                raise UserError(f"invalid run in the sweep ({combination}): {error}") from None
     return configs
 
 

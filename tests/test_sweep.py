@@ -36,6 +36,10 @@ def test_grid_entries_expand_into_every_combination_in_file_order():
                       "grid": [{"strategy": "ewc", "seed": [0, 1]}, {"strategy": "naive"}]})
     assert [(c.strategy, c.seed, c.epochs) for c in configs] == [("ewc", 0, 3), ("ewc", 1, 3), ("naive", 0, 3)]
     assert configs[0].hparams == {"mode": "separate"}
+    # A list in base is swept in every entry, unless the entry sets that option itself.
+    configs = expand({"base": {"seed": [0, 1], "hparams": {"ewc_lambda": [1, 2]}},
+                      "grid": [{"strategy": "ewc"}, {"strategy": "ewc", "seed": 5, "hparams": {"ewc_lambda": 3}}]})
+    assert [(c.seed, c.hparams["ewc_lambda"]) for c in configs] == [(0, 1), (0, 2), (1, 1), (1, 2), (5, 3)]
 
 
 def test_a_preset_named_in_base_comes_first_and_base_and_grid_override_it(tmp_path):
@@ -64,6 +68,8 @@ def test_run_ids_name_the_configuration_not_where_it_is_written():
     ({"grid": {"strategy": ["naive", "nope"]}}, "unknown strategy 'nope'"),
     ({"grid": {"strategy": "ewc", "hparams": {"ewc_lambda": [1, 2]}}}, "would write the same folder"),
     ({"grid": {"lr": "inf"}}, "lr: Input should be a finite number"),
+    ({"grid": {"strategy": "ewc", "hparams": [1]}}, "hparams must be a mapping"),
+    ({"base": {"hparams": "ewc_lambda=1"}, "grid": {"strategy": "ewc"}}, "hparams must be a mapping"),
     ({"base": {"lr": 0.1}, "grid": {"strategy": ["naive", "ccgn"]}}, "does not use lr: strategy 'ccgn' has its own"),
 ])
 def test_a_bad_sweep_file_is_one_line_and_exit_code_2_before_anything_runs(sweep, message, tmp_path, capsys):
