@@ -25,11 +25,15 @@ process's CPU time, which on a shared machine counts only the time the benchmark
 loop is its time over the variant's (1.0: as fast), and ccgn's cost over its ungated
 backbone the ratio ccgn / naive_adam.
 
+`--backbones` and `--variants` time only some (the bare loop, the ratios' reference, always
+runs, and naive_adam with ccgn): a wider ResNet-18 in minutes, not hours.
+
 With `--profile VARIANT`, instead of timing: one run of that variant after a warm-up
 run, under PyTorch's profiler, and its costliest operators by self CPU time, per network
 (no CSV): where a variant's time goes.
 
 Usage: python benchmarks/train_overhead.py --threads 1 [--tiny] [--profile ccgn]
+       python benchmarks/train_overhead.py --threads 1 --backbones resnet18 --resnet-width 16 --variants ccgn
 """
 
 from __future__ import annotations
@@ -174,24 +178,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="narrow networks, 32 images per digit, 2 rounds: "
                                                             "a check in seconds")
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
-    parser.add_argument("--profile", choices=["bare", "bare_nchw", "avalanche_naive", *CLBENCH_VARIANTS],
-                        help="profile this variant instead of timing every one (no CSV)")
+    names = ["bare", "bare_nchw", "avalanche_naive", *CLBENCH_VARIANTS]
+    parser.add_argument("--profile", choices=names, help="profile this variant instead of timing every one (no CSV)")
+    parser.add_argument("--backbones", nargs="+", choices=["small_cnn", "resnet18"], default=["small_cnn", "resnet18"])
+    parser.add_argument("--variants", nargs="+", choices=names, default=names,
+                        help="variants to time (bare always; naive_adam with ccgn) [all]")
     args = parser.parse_args(argv)
     rounds = 2 if args.tiny else args.rounds
-    networks = [("small_cnn", 4 if args.tiny else RunConfig().width),
-                ("resnet18", 2 if args.tiny else args.resnet_width)]
+    timed = {"bare", *args.variants, *(["naive_adam"] if "ccgn" in args.variants else [])}
+    widths = {"small_cnn": 4 if args.tiny else RunConfig().width, "resnet18": 2 if args.tiny else args.resnet_width}
     scenario = build_scenario(split_mnist_mini_tasks(5, 32, 8) if args.tiny else "split_mnist_mini", "task")
     experiences = scenario.benchmark.train_stream[:args.tasks]
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        for backbone, width in networks:
+        for backbone in args.backbones:
+            width = widths[backbone]
             spec = ModelSpec(backbone, width, scenario.spec.input_shape, "task", scenario.task_classes)
             if args.profile:
                 print(f"{backbone} (width {width}), {args.profile}:\n"
                       f"{profile(variants(spec, experiences, args.batch)[args.profile])}")
                 continue
-            cpu, wall, iterations = timings(variants(spec, experiences, args.batch), rounds)
+            builders = {name: build for name, build in variants(spec, experiences, args.batch).items() if name in timed}
+            cpu, wall, iterations = timings(builders, rounds)
             rows += [{"backbone": backbone, "width": width, **row, "tasks": args.tasks, "batch": args.batch,
                       "rounds": rounds, **machine} for row in variant_rows(cpu, wall, iterations)]
     if rows:

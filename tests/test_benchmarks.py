@@ -31,6 +31,15 @@ def test_train_overhead_benchmark_writes_its_table(tmp_path, capsys):
     assert "speed vs bare" in capsys.readouterr().out
 
 
+def test_train_overhead_benchmark_times_only_the_chosen_backbones_and_variants(tmp_path):
+    output = tmp_path / "train_overhead.csv"
+    benchmark("train_overhead").main(["--tiny", "--threads", "1", "--tasks", "1", "--backbones", "resnet18",
+                                      "--variants", "ccgn", "--output", str(output)])
+    table = pd.read_csv(output)
+    assert table.backbone.tolist() == ["resnet18"] * 3 and table.variant.tolist() == ["bare", "naive_adam", "ccgn"]
+    assert table.ccgn_vs_ungated.notna().sum() == 1
+
+
 def test_train_overhead_benchmark_profiles_one_variant_without_a_table(tmp_path, capsys):
     output = tmp_path / "train_overhead.csv"
     assert benchmark("train_overhead").main(["--tiny", "--threads", "1", "--tasks", "1", "--profile", "ccgn",
