@@ -160,18 +160,19 @@ def table(results_dirs, output):
 
 
 @cli.command()
-@click.argument("results_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--output", type=click.Path(file_okay=False), help="folder for the report [default: RESULTS_DIR/report]")
+@click.argument("results_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--output", type=click.Path(file_okay=False),
+              help="folder for the report [default: the first RESULTS_DIRS/report]")
 @click.option("--compare", "compare_with", type=click.Path(exists=True, file_okay=False),
-              help="another results folder (e.g. before a change): adds the differences RESULTS_DIR minus it")
-def report(results_dir, output, compare_with):
+              help="another results folder (e.g. before a change): adds the differences RESULTS_DIRS minus it")
+def report(results_dirs, output, compare_with):
     """Tables (CSV, Markdown, LaTeX), figures (PNG, PDF) and one self-contained HTML page
-    of the finished runs under RESULTS_DIR, mean ± std over seeds."""
+    of the finished runs under RESULTS_DIRS (one or more folders), mean ± std over seeds."""
     from pathlib import Path
 
     from clbench.report import write_report
 
-    page, left_out = write_report(results_dir, Path(output or Path(results_dir) / "report"), compare_with)
+    page, left_out = write_report(list(results_dirs), Path(output or Path(results_dirs[0]) / "report"), compare_with)
     echo_left_out(left_out)
     click.echo(f"report: {page}")
 

@@ -172,12 +172,13 @@ def html_page(results_dir: str, summary: pd.DataFrame, figures, left_out, compar
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
-def write_report(results_dir: str, output: Path, compare_with: str | None = None) -> tuple[Path, list[Path]]:
-    """Write the report of the finished runs under `results_dir` into `output`; returns
-    the HTML page and the runs that were left out (unfinished or damaged), with why."""
-    metrics, left_out = load_metrics(results_dir)
+def write_report(results_dirs: list[str], output: Path, compare_with: str | None = None) -> tuple[Path, list[Path]]:
+    """Write the report of the finished runs under the `results_dirs` into `output`;
+    returns the HTML page and the runs that were left out (unfinished or damaged), with
+    why."""
+    metrics, left_out = load_metrics(*results_dirs)
     if metrics.empty:
-        raise UserError(f"no finished runs under {results_dir}")
+        raise UserError(f"no finished runs under {', '.join(results_dirs)}")
     runs = final_metrics(metrics)
     output.mkdir(parents=True, exist_ok=True)
     numbers = summarise_runs(runs)
@@ -203,5 +204,5 @@ def write_report(results_dir: str, output: Path, compare_with: str | None = None
                            run_tables(labelled, "gate_usage"), run_tables(labelled, "task_confusion"),
                            output / "figures")
     page = output / "report.html"
-    page.write_text(html_page(results_dir, summary, figures, left_out, comparison, variants))
+    page.write_text(html_page(", ".join(results_dirs), summary, figures, left_out, comparison, variants))
     return page, left_out

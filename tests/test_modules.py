@@ -202,7 +202,7 @@ def test_list_shows_modules_with_their_options(capsys):
 
 def test_a_report_sets_each_module_variant_beside_its_model_at_its_own_cost(tiny_scenario, tmp_path):
     run_dir_of(tiny_scenario, tmp_path / "runs", modules=[{"name": "ptq", "bits": [8, 4], "granularity": ["per_channel"]}])
-    write_report(str(tmp_path / "runs"), tmp_path / "report")
+    write_report([str(tmp_path / "runs")], tmp_path / "report")
     summary = pd.read_csv(tmp_path / "report" / "summary.csv")
     assert {"accuracy @w8a8_per_channel", "size (Mbit) @w4a4_per_channel"} <= set(summary.columns)
     metrics, _ = load_metrics(str(tmp_path / "runs"))

@@ -113,3 +113,11 @@ def test_html_report_renders_in_headless_chromium(report_dir):
 def test_a_mean_that_rounds_to_zero_shows_no_minus_sign():
     assert format_mean_std(-1e-5, float("nan"), "average_forgetting") == "0.000"
     assert format_mean_std(-4e-4, 1e-3, "average_forgetting") == "0.000 ± 0.001"
+
+
+def test_a_report_of_several_folders_pools_their_runs_into_the_first_ones_report(tmp_path):
+    fabricate_run(tmp_path / "sweep", "a", 0, 0.5)
+    fabricate_run(tmp_path / "ablation", "a", 1, 0.7)
+    assert main(["report", str(tmp_path / "sweep"), str(tmp_path / "ablation")]) == 0
+    summary = pd.read_csv(tmp_path / "sweep" / "report" / "summary.csv")
+    assert summary.runs.tolist() == [2] and summary.accuracy.tolist() == ["0.600 ± 0.141"]
