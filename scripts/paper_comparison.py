@@ -56,7 +56,8 @@ def comparison(metrics: pd.DataFrame, reported: dict) -> pd.DataFrame:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results_dirs", nargs="+", help="results folders, each run of a strategy and setting in one")
+    parser.add_argument("results_dirs", nargs="+",
+                        help="results folders, their runs pooled (one configuration per strategy and setting)")
     parser.add_argument("--reported", required=True,
                         help="YAML file of the paper's numbers (configs/paper/*_reported.yaml)")
     parser.add_argument("--output", help="also write the Markdown table here")

@@ -3,6 +3,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
+from conftest import load_script
 
 from clbench import results
 from clbench.cli import main
@@ -187,3 +188,17 @@ def test_task_confusion_counts_each_test_sample_once_by_the_task_of_its_predicte
     assert right_task.pivot(index="after_task", columns="true_task", values="samples").to_numpy() / 40 == \
         pytest.approx(inference.to_numpy(), abs=1e-6)
     assert (confusion[confusion.true_task != confusion.predicted_task].samples > 0).any()  # naive forgets
+
+
+def test_the_paper_comparison_pools_folders_but_never_two_configurations_of_a_strategy(tmp_path):
+    comparison = load_script("scripts", "paper_comparison").comparison
+    reported = {"average_accuracy": {"task": {"a": 0.9}}, "macs_share_of_dense": {}}
+    fabricate_run(tmp_path / "sweep", "a", 0, 0.5)
+    fabricate_run(tmp_path / "ablation", "a", 1, 0.7)
+    metrics, _ = results.load_metrics(tmp_path / "sweep", tmp_path / "ablation")
+    row = comparison(metrics, reported).iloc[0]
+    assert (row.clbench, row.runs) == ("0.600 ± 0.141", 2)
+    fabricate_run(tmp_path / "other", "a", 0, 0.9, hparams={"lam": 2})
+    metrics, _ = results.load_metrics(tmp_path / "sweep", tmp_path / "other")
+    with pytest.raises(SystemExit, match="more than one configuration"):
+        comparison(metrics, reported)
