@@ -78,6 +78,29 @@ def test_ptq_quantises_the_layers_of_gated_networks(tiny_scenario, tmp_path):
     assert matrix(run_dir, "accuracy_matrix@w4a4_per_channel.csv").shape == (2, 2)
 
 
+
+def test_the_gate_flip_script_separates_flipped_gates_from_the_rest(tiny_scenario, tmp_path, capsys, monkeypatch):
+    """With a 'quantised' copy whose gate networks are negated and whose layers are the
+    float ones, the script counts flipped gates, and forcing the float masks gives back
+    exactly the float accuracy."""
+    run_dir = run_dir_of(tiny_scenario, tmp_path, strategy="ccgn", keep_checkpoints=True)
+
+    def negated_gates(self, model, calibration, n_tasks):
+        copied = copy.deepcopy(model)
+        for layer in copied.path_layers:
+            for name, child in layer.named_children():
+                if name not in ("layer", "norm", "tied"):
+                    for parameter in child.parameters():
+                        parameter.data.neg_()
+        return {"negated": ptq.Variant(copied, {})}
+
+    monkeypatch.setattr(ptq.PostTrainingQuantisation, "variants", negated_gates)
+    load_script("scripts", "ptq_gate_flips").main([str(run_dir)])
+    rows = [[cell.strip() for cell in line.strip("|").split("|")]
+            for line in capsys.readouterr().out.splitlines() if line.startswith("| negated")]
+    assert len(rows) == 2
+    assert all(float(row[5]) > 0.1 for row in rows)  # gate decisions flipped
+    assert all(row[4] == row[2] for row in rows)  # the float gates: the float accuracy
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
 @pytest.mark.parametrize("bits", [8, 6, 4])
 def test_quantised_weights_take_at_most_2_to_the_bits_values(bits, granularity):

@@ -1,0 +1,111 @@
+"""Training step (forward and backward) of ccgn's batch norm once some channels are frozen:
+clbench's `FreezableBatchNorm2d`, which runs PyTorch's batch norm twice (batch statistics,
+stored statistics) and selects per channel, against one hand-written normalisation that
+picks the statistics per channel first and applies them in one fused multiply-add
+(`single_pass`). Shapes are those of the ResNet-18 of width 16 at batch 32 (channels-last),
+with a share of the channels frozen. Both are checked to compute the same outputs,
+gradients and running statistics (largest differences in the table); `--rounds` rounds
+alternate the two, `--repeats` calls each; best and median per call.
+
+Usage: python benchmarks/freezable_batch_norm.py [--threads 1] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from clbench.benchmarking import machine_columns, torch_threads, write_csv
+from clbench.path_network import FreezableBatchNorm2d
+
+RESULTS = Path(__file__).parent / "results" / "freezable_batch_norm.csv"
+COLUMNS = ["channels", "size", "frozen_share", "variant", "best_ms", "median_ms", "ratio_to_clbench_best",
+           "max_output_difference", "max_gradient_difference", "max_statistics_difference", "rounds", "repeats", "machine", "cores",
+           "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
+SHAPES = [(16, 32), (32, 16), (64, 8), (128, 4)]  # channels, spatial size: the four stages
+FROZEN_SHARES = [0.25, 0.5, 0.75]
+
+
+def single_pass(norm: FreezableBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """`norm`'s training forward with each channel's statistics chosen before normalising."""
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+    frozen = norm.frozen
+    scale = norm.weight * torch.rsqrt(torch.where(frozen, norm.running_var, var) + norm.eps)
+    shift = norm.bias - torch.where(frozen, norm.running_mean, mean) * scale
+    with torch.no_grad():
+        count = x.numel() / x.shape[1]
+        momentum = norm.momentum
+        norm.running_mean = torch.where(frozen, norm.running_mean, torch.lerp(norm.running_mean, mean, momentum))
+        norm.running_var = torch.where(frozen, norm.running_var,
+                                       torch.lerp(norm.running_var, var * count / (count - 1), momentum))
+    return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
+
+
+def step(forward, x: torch.Tensor, gradient: torch.Tensor):
+    """One forward and backward; the output and the input's gradient."""
+    out = forward(x)
+    (grad,) = torch.autograd.grad(out, x, gradient)
+    return out, grad
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
+    parser.add_argument("--tiny", action="store_true", help="batch 2, 2 rounds of 1 call: a check in seconds")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
+    args = parser.parse_args(argv)
+    rounds, repeats, batch = (2, 1, 2) if args.tiny else (args.rounds, args.repeats, 32)
+    rows = []
+    with torch_threads(args.threads):
+        machine = machine_columns()
+        for channels, size in SHAPES:
+            for share in FROZEN_SHARES:
+                norm = FreezableBatchNorm2d(channels).train()
+                norm.frozen[: int(share * channels)] = True
+                with torch.no_grad():
+                    norm.running_mean.normal_()
+                    norm.running_var.uniform_(0.5, 2.0)
+                    norm.weight.uniform_(0.5, 1.5)
+                    norm.bias.normal_()
+                hand_written = copy.deepcopy(norm)
+                forwards = {"clbench": norm, "single_pass": lambda x, n=hand_written: single_pass(n, x)}
+                x = torch.randn(batch, channels, size, size).to(memory_format=torch.channels_last).requires_grad_()
+                gradient = torch.randn_like(x)
+                (out, grad), (other_out, other_grad) = (step(f, x, gradient) for f in forwards.values())
+                differences = {"max_output_difference": (out - other_out).abs().max().item(),
+                               "max_gradient_difference": (grad - other_grad).abs().max().item(),
+                               "max_statistics_difference": max(
+                                   (norm.running_mean - hand_written.running_mean).abs().max().item(),
+                                   (norm.running_var - hand_written.running_var).abs().max().item())}
+                times = {name: [] for name in forwards}
+                for _ in range(rounds):
+                    for name, forward in forwards.items():
+                        start = time.perf_counter()
+                        for _ in range(repeats):
+                            step(forward, x, gradient)
+                        times[name].append((time.perf_counter() - start) / repeats)
+                for name, measured in times.items():
+                    rows.append({"channels": channels, "size": size, "frozen_share": share, "variant": name,
+                                 "best_ms": round(1e3 * min(measured), 3),
+                                 "median_ms": round(1e3 * statistics.median(measured), 3),
+                                 "ratio_to_clbench_best": round(min(measured) / min(times["clbench"]), 2),
+                                 **differences, "rounds": rounds, "repeats": repeats, **machine})
+    for row in rows:
+        print(f"{row['channels']:>3} ch {row['size']:>2}x{row['size']:<2} frozen {row['frozen_share']:.2f} "
+              f"{row['variant']:<11}: {row['best_ms']:7.3f} ms best, {row['median_ms']:7.3f} median, "
+              f"{row['ratio_to_clbench_best']:.2f}x clbench's")
+    print(f"machine: {machine['machine']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "
+          f"torch {machine['torch']}")
+    write_csv(rows, COLUMNS, args.output)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
