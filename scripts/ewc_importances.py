@@ -1,0 +1,56 @@
+"""How large are an EWC run's importances, and can its optimiser stay stable under its
+penalty? Loads the checkpoint of an EWC run (after its last finished task: a run still
+going, or one kept with `--keep-checkpoints`) and prints, for the parameter tensors with
+the largest importance, the largest and mean importance F, and for the largest the
+penalty's curvature times the learning rate, lr * 2 * lambda * F (Avalanche's penalty is
+lambda * sum F (theta - theta*)^2). SGD with momentum m on that quadratic alone
+oscillates with growing amplitude once this exceeds 2 (1 + m).
+
+    python scripts/ewc_importances.py RUN_DIR [--top 10]
+"""
+
+import argparse
+from pathlib import Path
+
+from avalanche.training.plugins import EWCPlugin
+
+from clbench import checkpoint
+from clbench.config import resolve_config
+from clbench.runner import run_scenario
+
+
+def importance_table(trainer, bound: float) -> list[dict]:
+    """Per parameter tensor of the latest importances: name, size, largest and mean F, and
+    how many of its weights have F above `bound`."""
+    plugin = next((p for p in trainer.plugins if isinstance(p, EWCPlugin)), None)
+    if plugin is None or not plugin.importances:
+        raise SystemExit("the checkpoint holds no EWC importances: not an EWC run, or no task finished yet")
+    latest = plugin.importances[max(plugin.importances)]
+    return [{"parameter": name, "size": imp.data.numel(), "max": imp.data.max().item(), "mean": imp.data.mean().item(),
+             "above": int((imp.data > bound).sum())}
+            for name, imp in latest.items()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--top", type=int, default=10, help="parameter tensors shown [%(default)s]")
+    args = parser.parse_args(argv)
+    cfg = resolve_config(args.run_dir / "config.yaml", {})
+    state = checkpoint.load(args.run_dir, run_scenario(cfg))
+    if state is None:
+        raise SystemExit(f"{args.run_dir} has no checkpoint")
+    trainer = state["trainer"]
+    step, limit = 2 * cfg.lr * cfg.hparams["ewc_lambda"], 2 * (1 + cfg.momentum)
+    rows = sorted(importance_table(trainer, limit / step if step else float("inf")), key=lambda row: row["max"], reverse=True)
+    print(f"after task {len(state['progress']['after_each_task'])}; lr {cfg.lr}, momentum {cfg.momentum}, "
+          f"lambda {cfg.hparams['ewc_lambda']}: unstable where lr * 2 * lambda * F > {limit:.1f}")
+    print("| parameter | size | largest F | mean F | lr * 2 * lambda * largest F |")
+    print("|---|---|---|---|---|")
+    for row in rows[: args.top]:
+        print(f"| {row['parameter']} | {row['size']} | {row['max']:.3g} | {row['mean']:.3g} | {step * row['max']:.3g} |")
+    print(f"weights above the limit: {sum(row['above'] for row in rows)} of {sum(row['size'] for row in rows)}")
+
+
+if __name__ == "__main__":
+    main()
