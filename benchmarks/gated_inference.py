@@ -36,41 +36,19 @@ from pathlib import Path
 from unittest import mock
 
 import torch
-from torch import nn
 
 from clbench import checkpoint, compact
-from clbench.benchmarking import machine_columns, torch_threads, write_csv
+from clbench.benchmarking import RANDOM_GATED_TASKS, machine_columns, random_gated_model, torch_threads, write_csv
 from clbench.config import RunConfig
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
-from clbench.registry import get_strategy
 from clbench.runner import dense_macs, run, run_scenario
 
 RESULTS = Path(__file__).parent / "results" / "gated_inference.csv"
-TASKS = 5
-ALLOWED = 0.25
 COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "macs_per_sample",
            "speedup_measured", "speedup_macs", "kept_macs_per_sample", "speedup_kept_macs", "gate_patterns",
            "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
-
-
-def gated_model(spec: ModelSpec) -> TaskPathNet:
-    """ccgn's network with every task learned by hand (see the module's docstring)."""
-    model = get_strategy("ccgn").from_hparams({}).make_model(spec)
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    with torch.no_grad():
-        for norm in norms:
-            norm.momentum = None  # a cumulative average over the tasks' passes
-        for task in range(TASKS):
-            model.forward_path(torch.randn(64, *spec.input_shape), task)
-        for norm in norms:
-            norm.momentum = 0.1
-        for layer in model.path_layers:
-            for task in range(TASKS):
-                layer.freeze(task, torch.rand(layer.out_units) < ALLOWED)
-    model.tasks_learned = TASKS
-    return model.eval()
 
 
 def trained_model(scenario: str, setting: str, width: int, folder: str) -> tuple[TaskPathNet, ModelSpec, torch.Tensor]:
@@ -164,8 +142,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 with tempfile.TemporaryDirectory() as folder:
                     gated, spec, images = trained_model(args.trained_on, setting, width, folder)
             else:
-                spec = ModelSpec(backbone, width, shape, setting, [[2 * k, 2 * k + 1] for k in range(TASKS)])
-                gated, images = gated_model(spec), torch.randn(64, *shape)
+                classes = [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)]
+                spec = ModelSpec(backbone, width, shape, setting, classes)
+                gated, images = random_gated_model(spec), torch.randn(64, *shape)
             for batch in (1, 64):
                 x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
                 with torch.no_grad():

@@ -25,6 +25,9 @@ import clbench.path_network  # noqa: F401
 from clbench.datasets.images import ImageArrayDataset
 from clbench.datasets.loaders import load_split_mnist_mini
 from clbench.datasets.scenarios import SCENARIOS
+from clbench.models import ModelSpec
+from clbench.path_network import TaskPathNet
+from clbench.registry import get_strategy
 from clbench.results import git_commit
 from clbench.sweep import available_cores
 
@@ -98,3 +101,28 @@ def write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(f"written: {path}")
+
+
+RANDOM_GATED_TASKS = 5
+RANDOM_GATED_ALLOWED = 0.25  # share of each layer's kernels each task may open
+
+
+def random_gated_model(spec: ModelSpec) -> TaskPathNet:
+    """ccgn's network with `RANDOM_GATED_TASKS` tasks learned by hand, without training (so
+    that ResNet-18 fits on a CPU): each task allowed a random `RANDOM_GATED_ALLOWED` of every
+    layer's kernels, with untrained gating modules that open about half of those per
+    sample; their batch norms, like the backbone's, hold the statistics of random inputs."""
+    model = get_strategy("ccgn").from_hparams({}).make_model(spec)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for norm in norms:
+            norm.momentum = None  # a cumulative average over the tasks' passes
+        for task in range(RANDOM_GATED_TASKS):
+            model.forward_path(torch.randn(64, *spec.input_shape), task)
+        for norm in norms:
+            norm.momentum = 0.1
+        for layer in model.path_layers:
+            for task in range(RANDOM_GATED_TASKS):
+                layer.freeze(task, torch.rand(layer.out_units) < RANDOM_GATED_ALLOWED)
+    model.tasks_learned = RANDOM_GATED_TASKS
+    return model.eval()

@@ -21,13 +21,15 @@ unseen; clbench makes none.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from clbench.models import channels_last
-from clbench.path_network import PathBasicBlock, PathLayer, PathResNet18, PathSmallCNN, TaskPathNet, masked_macs
+from clbench.path_network import PathBasicBlock, PathLayer, PathResNet18, PathSmallCNN, TaskPathNet
 
 
 def kept(layer: PathLayer, task: int) -> torch.Tensor:
@@ -71,6 +73,48 @@ def folded(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.Module,
     return weight * scale.view(-1, *[1] * (weight.dim() - 1)), shift
 
 
+class MacCount:
+    """The MACs each sample executes in one compact forward pass, counted at its end. Each
+    term is a layer's active inputs times its open outputs (those above one half) times
+    its MACs per input-output pair, as `masked_macs` counts them, plus its gates' fixed
+    MACs. Every term's masks are concatenated and summed per term in one matrix product,
+    instead of about eight small operations per layer: at batch 1 those are a large
+    share of the forward pass (README, Benchmarks)."""
+
+    def __init__(self):
+        self.inputs, self.outputs, self.per_pair, self.fixed = [], [], [], 0
+
+    def add(self, active_in: torch.Tensor, mask: torch.Tensor, per_pair: int, fixed: int = 0) -> None:
+        self.inputs.append(active_in)
+        self.outputs.append(mask)
+        self.per_pair.append(per_pair)
+        self.fixed += fixed
+
+    def total(self) -> torch.Tensor:
+        per_pair = cached_vector(tuple(self.per_pair), self.outputs[0].device)
+        return ((open_units(self.inputs) * open_units(self.outputs)) @ per_pair).long() + self.fixed
+
+
+def open_units(masks: list[torch.Tensor]) -> torch.Tensor:
+    """batch x len(masks): how many units above one half each mask has, per sample (exact:
+    float64 counts)."""
+    widths = tuple(mask.shape[1] for mask in masks)
+    return (torch.cat(masks, 1) > 0.5).double() @ segments(widths, masks[0].device)
+
+
+@lru_cache(maxsize=256)
+def segments(widths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """sum(widths) x len(widths): which mask of `open_units` each unit belongs to; cached,
+    as every forward pass of a path concatenates masks of the same widths."""
+    return torch.block_diag(*(torch.ones(width, 1, dtype=torch.float64) for width in widths)).to(device)
+
+
+@lru_cache(maxsize=256)
+def cached_vector(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """`values` as a float64 tensor, made once per path rather than once per forward pass."""
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
 class CompactConv:
     """A conv or linear layer and its batch norm (folded in) at test, cut to channels
     `kept_in` in and `kept_out` out. A convolution's output channels are padded with zero
@@ -109,20 +153,21 @@ class CompactLayer:
         self.kernel = layer.layer.weight[0].numel() // layer.in_units
         self.mask_macs = layer.mask_macs
 
-    def __call__(self, x: torch.Tensor, active_in: torch.Tensor,
-                 keep_padding: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Masked output, mask and MACs per sample, as `PathLayer.forward` counts them. The
-        output is the kept channels, made dense by the mask multiplication; or with
-        `keep_padding`, the convolution's padded output, masked in place."""
+    def __call__(self, x: torch.Tensor, active_in: torch.Tensor, count: MacCount,
+                 keep_padding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked output and mask; its MACs per sample, as `PathLayer.forward` counts them,
+        go to `count`. The output is the kept channels, made dense by the mask
+        multiplication; or with `keep_padding`, the convolution's padded output, masked in
+        place."""
         mask = self.mask(x)
         out = self.conv(x)
         spatial = out.shape[2] * out.shape[3] if out.dim() == 4 else 1
-        macs = masked_macs(active_in, mask, self.kernel * spatial) + self.mask_macs
+        count.add(active_in, mask, self.kernel * spatial, self.mask_macs)
         mask_shape = mask.view(*mask.shape, *[1] * (out.dim() - 2))
         if keep_padding:
             out[:, :self.conv.out_channels] *= mask_shape
-            return out, mask, macs
-        return out[:, :self.conv.out_channels] * mask_shape, mask, macs
+            return out, mask
+        return out[:, :self.conv.out_channels] * mask_shape, mask
 
 
 class CompactSmallCNN:
@@ -145,18 +190,18 @@ class CompactSmallCNN:
                  stages: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept features and MACs per sample; where `stages` is a list, each layer's output
         averaged over positions is added to it, as in `PathTrace.stages`."""
-        x, active, macs = channels_last(x), torch.ones(len(x), self.in_channels, device=x.device), 0
+        x, active, count = channels_last(x), torch.ones(len(x), self.in_channels, device=x.device), MacCount()
         for index, layer in enumerate(self.layers):
             if index == 2:
                 x = x.flatten(1)
                 active = active.repeat_interleave(self.spatial, 1)
             pooled = index < 2  # channels-last max-pooling too is fastest at a multiple of 8 channels
-            x, active, layer_macs = layer(x, active, keep_padding=pooled)
-            x, macs = F.relu(x), macs + layer_macs
+            x, active = layer(x, active, count, keep_padding=pooled)
+            x = F.relu(x)
             if pooled:
                 x = F.max_pool2d(x, 2)[:, :layer.conv.out_channels]  # the next convolution reads this view
             pool_stage(stages, x, layer.kept, layer.out_units)
-        return x, macs
+        return x, count.total()
 
 
 class CompactBlock:
@@ -174,18 +219,18 @@ class CompactBlock:
             self.kept = torch.unique(torch.cat([kept_in, out]))
             self.from_conv, self.from_input = torch.searchsorted(self.kept, out), torch.searchsorted(self.kept, kept_in)
 
-    def __call__(self, x: torch.Tensor, active_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Output, its active channels and MACs per sample."""
-        h, mask1, macs1 = self.conv1(x, active_in)
-        out, mask2, macs2 = self.conv2(F.relu(h), mask1)
+    def __call__(self, x: torch.Tensor, active_in: torch.Tensor, count: MacCount) -> tuple[torch.Tensor, torch.Tensor]:
+        """Output and its active channels; MACs per sample go to `count`."""
+        h, mask1 = self.conv1(x, active_in, count)
+        out, mask2 = self.conv2(F.relu(h), mask1, count)
         if self.shortcut is None:
             channels = len(self.kept)
             out = widen(out, self.from_conv, channels).index_add_(1, self.from_input, x)
             active = torch.maximum(widen(mask2, self.from_conv, channels), widen(active_in, self.from_input, channels))
-            return F.relu(out), active, macs1 + macs2
-        shortcut_macs = masked_macs(active_in, mask2, out.shape[2] * out.shape[3])
+            return F.relu(out), active
+        count.add(active_in, mask2, out.shape[2] * out.shape[3])
         shortcut = self.shortcut(x)[:, :self.shortcut.out_channels]
-        return F.relu(out + shortcut * mask2[:, :, None, None]), mask2, macs1 + macs2 + shortcut_macs
+        return F.relu(out + shortcut * mask2[:, :, None, None]), mask2
 
 
 class CompactResNet18:
@@ -208,14 +253,14 @@ class CompactResNet18:
         """Kept features and MACs per sample; where `stages` is a list, the output of the
         stem and of each block averaged over positions is added to it, as in
         `PathTrace.stages`."""
-        x, active, macs = self.stem(channels_last(x), torch.ones(len(x), self.in_channels, device=x.device))
+        count = MacCount()
+        x, active = self.stem(channels_last(x), torch.ones(len(x), self.in_channels, device=x.device), count)
         x = F.relu(x)
         pool_stage(stages, x, self.stem.kept, self.stem.out_units)
         for block in self.blocks:
-            x, active, block_macs = block(x, active)
-            macs = macs + block_macs
+            x, active = block(x, active, count)
             pool_stage(stages, x, block.kept, block.out_units)
-        return x.mean((2, 3)), macs
+        return x.mean((2, 3)), count.total()
 
 
 COMPACT_BACKBONES = {PathSmallCNN: CompactSmallCNN, PathResNet18: CompactResNet18}

@@ -6,6 +6,7 @@ from functools import partial
 from itertools import product
 
 import pandas as pd
+import pytest
 import torch
 from conftest import ROOT, load_script
 
@@ -126,3 +127,22 @@ def test_freezable_batch_norm_benchmark_checks_the_single_pass_computes_the_same
     differences = table[["max_output_difference", "max_gradient_difference", "max_statistics_difference"]]
     assert (differences < 1e-4).all().all()
     assert (table[table.variant == "clbench"].ratio_to_clbench_best == 1).all()
+
+
+def test_compact_revisions_benchmark_times_this_checkout_against_a_commit(tmp_path, monkeypatch):
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode:
+        pytest.skip("not a git checkout: no commit to compare with")
+    revisions = benchmark("compact_revisions")
+    output = tmp_path / "compact_revisions.csv"
+    revisions.main(["--tiny", "--threads", "1", "--against", "HEAD", "--output", str(output)])
+    table = pd.read_csv(output)
+    assert list(table.columns) == revisions.COLUMNS
+    assert len(table) == 2 * 2 * 2 and (table.ratio_best > 0).all()
+    with pytest.raises(SystemExit, match="cannot read clbench/compact.py"):
+        revisions.main(["--tiny", "--against", "no-such-revision", "--output", str(output)])
+    # A checkout whose compact paths count other MACs is refused, not timed.
+    from clbench import compact
+    total = compact.MacCount.total
+    monkeypatch.setattr(compact.MacCount, "total", lambda count: total(count) + 1)
+    with pytest.raises(SystemExit, match="other outputs or MACs"):
+        revisions.main(["--tiny", "--against", "HEAD", "--output", str(output)])
