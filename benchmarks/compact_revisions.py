@@ -1,11 +1,13 @@
 """Compact execution (`clbench/compact.py`) of this checkout against that of another
-commit, in one process: ccgn's network with random gates (`random_gated_model`, as in
-benchmarks/gated_inference.py), task setting (one task's path) and class setting (every
-path and the task classifier), batch 1 and 64, the small CNN (Split MNIST's input) and
-ResNet-18 of width 16 (CIFAR's). The two versions alternate for `--rounds` rounds of
-`--repeats` passes; best and median per pass, and this checkout's best time over the
-other's. Both must give the same MACs per sample and outputs within float tolerance
-(checked; a version that computes something else is an error, not a row).
+commit, in one process, on the networks of benchmarks/gated_inference.py
+(`clbench.benchmarking.gated_networks`: ccgn's small CNN trained on the embedded Split
+MNIST and with random gates, ResNet-18 of width 16 with random gates), task setting (one
+task's path) and class setting (every path and the task classifier), batch 1 and 64.
+The two versions alternate for `--rounds` rounds of `--repeats` passes; best and median
+per pass, and this checkout's best time over the other's. The other commit's module
+stands in for clbench.compact while its network runs. Both must give the same MACs per
+sample and outputs within float tolerance (checked; a version that computes something
+else is an error, not a row).
 
 Usage: python benchmarks/compact_revisions.py [--against HEAD] [--threads 1] [--tiny]
 """
@@ -16,24 +18,22 @@ import argparse
 import copy
 import statistics
 import subprocess
+import sys
 import time
 import types
-from itertools import product
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from clbench import compact
-from clbench.benchmarking import (RANDOM_GATED_TASKS, machine_columns, random_gated_model, torch_threads,
-                                  write_csv)
-from clbench.models import ModelSpec
+from clbench.benchmarking import gated_networks, machine_columns, torch_threads, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "compact_revisions.csv"
-COLUMNS = ["backbone", "width", "setting", "batch", "against", "best_ms_against", "best_ms_here",
+COLUMNS = ["backbone", "width", "gates", "setting", "batch", "against", "best_ms_against", "best_ms_here",
            "median_ms_against", "median_ms_here", "ratio_best", "macs_per_sample", "rounds", "repeats", "machine",
            "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
-NETWORKS = [("small_cnn", 32, (1, 28, 28)), ("resnet18", 16, (3, 32, 32))]
 
 
 def compact_at(revision: str) -> tuple[types.ModuleType, str]:
@@ -48,7 +48,23 @@ def compact_at(revision: str) -> tuple[types.ModuleType, str]:
     commit = git("rev-parse", "--verify", f"{revision}^{{commit}}").strip()
     module = types.ModuleType(f"compact_at_{commit}")
     exec(compile(git("show", f"{commit}:clbench/compact.py"), f"{commit}:clbench/compact.py", "exec"), module.__dict__)
+    if not hasattr(module, "run_learned_paths"):  # before the class setting shared the first layer
+        def run_learned_paths(paths, x, stages):
+            features, logits, macs = zip(*(path.features_and_logits(x, stages) for path in paths))
+            return list(features), list(logits), sum(macs)
+        module.run_learned_paths = run_learned_paths
     return module, commit
+
+
+@contextmanager
+def imported_as_compact(module: types.ModuleType):
+    """`module` in the place of clbench.compact, which `TaskPathNet` imports where it uses it."""
+    here = sys.modules["clbench.compact"]
+    sys.modules["clbench.compact"] = module
+    try:
+        yield
+    finally:
+        sys.modules["clbench.compact"] = here
 
 
 def time_both(passes: dict, rounds: int, repeats: int) -> dict[str, list[float]]:
@@ -70,41 +86,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
     parser.add_argument("--tiny", action="store_true", help="2 rounds of 1 pass, width 4: a check in seconds")
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
+    parser.add_argument("--trained-on", default="split_mnist_mini",
+                        help="scenario on which ccgn's small CNN is trained [%(default)s]")
     args = parser.parse_args(argv)
     other, commit = compact_at(args.against)
     rounds = 2 if args.tiny else args.rounds
     rows = []
-    with torch_threads(args.threads), torch.no_grad():
+    with torch_threads(args.threads):
         machine = machine_columns()
-        for (backbone, width, shape), setting in product(NETWORKS, ("task", "class")):
-            width = 4 if args.tiny else width
-            torch.manual_seed(0)
-            classes = [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)]
-            here = random_gated_model(ModelSpec(backbone, width, shape, setting, classes))
+        for backbone, width, gates, setting, _, here, images in gated_networks(args.tiny, args.trained_on):
             against = copy.deepcopy(here)
-            against._compact_paths = {task: other.CompactPath(against, task) for task in range(RANDOM_GATED_TASKS)}
-            for batch in (1, 64):
-                x, t = torch.randn(batch, *shape), torch.zeros(batch, dtype=torch.long)
-                (out_here, macs_here), (out_against, macs_against) = (m.forward_with_macs(x, t) for m in (here, against))
-                if not (torch.equal(macs_here, macs_against) and torch.allclose(out_here, out_against, atol=1e-4)):
-                    raise SystemExit(f"{backbone} {setting} batch {batch}: this checkout's compact paths compute "
-                                     f"other outputs or MACs than those at {commit}")
-                assert all(type(p) is compact.CompactPath for p in here._compact_paths.values()) and \
-                    all(type(p) is other.CompactPath for p in against._compact_paths.values())
-                repeats = 1 if args.tiny else max(1, args.repeats // (10 if batch > 1 else 1))
-                times = time_both({"against": lambda: against.forward_with_macs(x, t),
-                                   "here": lambda: here.forward_with_macs(x, t)}, rounds, repeats)
-                best = {name: min(measured) for name, measured in times.items()}
-                rows.append({"backbone": backbone, "width": width, "setting": setting, "batch": batch,
-                             "against": commit,
-                             **{f"best_ms_{name}": round(1e3 * value, 3) for name, value in best.items()},
-                             **{f"median_ms_{name}": round(1e3 * statistics.median(measured), 3)
-                                for name, measured in times.items()},
-                             "ratio_best": round(best["here"] / best["against"], 3),
-                             "macs_per_sample": macs_here.float().mean().item(), "rounds": rounds,
-                             "repeats": repeats, **machine})
+
+            def run_against(x, t, against=against):
+                with imported_as_compact(other):
+                    return against.forward_with_macs(x, t)
+
+            with torch.no_grad():  # the trained networks train outside it
+                for batch in (1, 64):
+                    x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
+                    (out_here, macs_here), (out_against, macs_against) = here.forward_with_macs(x, t), run_against(x, t)
+                    if not (torch.equal(macs_here, macs_against) and torch.allclose(out_here, out_against, atol=1e-4)):
+                        raise SystemExit(f"{backbone} {gates} {setting} batch {batch}: this checkout's compact "
+                                         f"paths compute other outputs or MACs than those at {commit}")
+                    assert all(type(p) is compact.CompactPath for p in here._compact_paths.values()) and \
+                        all(type(p) is other.CompactPath for p in against._compact_paths.values())
+                    repeats = 1 if args.tiny else max(1, args.repeats // (10 if batch > 1 else 1))
+                    times = time_both({"against": lambda: run_against(x, t),
+                                       "here": lambda: here.forward_with_macs(x, t)}, rounds, repeats)
+                    best = {name: min(measured) for name, measured in times.items()}
+                    rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
+                                 "batch": batch, "against": commit,
+                                 **{f"best_ms_{name}": round(1e3 * value, 3) for name, value in best.items()},
+                                 **{f"median_ms_{name}": round(1e3 * statistics.median(measured), 3)
+                                    for name, measured in times.items()},
+                                 "ratio_best": round(best["here"] / best["against"], 3),
+                                 "macs_per_sample": macs_here.float().mean().item(), "rounds": rounds,
+                                 "repeats": repeats, **machine})
     for row in rows:
-        print(f"{row['backbone']:<9} {row['width']:>2} {row['setting']:<5} batch {row['batch']:>2}: "
+        print(f"{row['backbone']:<9} {row['width']:>2} {row['gates']:<7} {row['setting']:<5} batch {row['batch']:>2}: "
               f"{row['best_ms_against']:8.3f} ms at {commit[:7]}, {row['best_ms_here']:8.3f} here, "
               f"ratio {row['ratio_best']:.3f}")
     print(f"machine: {machine['machine']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "

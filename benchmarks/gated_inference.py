@@ -29,39 +29,23 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import tempfile
 import time
-from itertools import product
 from pathlib import Path
 from unittest import mock
 
 import torch
 
-from clbench import checkpoint, compact
-from clbench.benchmarking import RANDOM_GATED_TASKS, machine_columns, random_gated_model, torch_threads, write_csv
-from clbench.config import RunConfig
+from clbench import compact
+from clbench.benchmarking import gated_networks, machine_columns, torch_threads, write_csv
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
-from clbench.runner import dense_macs, run, run_scenario
+from clbench.runner import dense_macs
 
 RESULTS = Path(__file__).parent / "results" / "gated_inference.csv"
 COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "macs_per_sample",
            "speedup_measured", "speedup_macs", "kept_macs_per_sample", "speedup_kept_macs", "gate_patterns",
            "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
-
-
-def trained_model(scenario: str, setting: str, width: int, folder: str) -> tuple[TaskPathNet, ModelSpec, torch.Tensor]:
-    """ccgn's small CNN trained by clbench on `scenario` (1 epoch per task, seed 0), its
-    spec, and 64 of the scenario's test images of the first task."""
-    cfg = RunConfig(scenario=scenario, strategy="ccgn", setting=setting, width=width, keep_checkpoints=True,
-                    results_dir=folder)
-    run_dir = run(cfg).run_dir
-    data = run_scenario(cfg)
-    spec = ModelSpec("small_cnn", width, data.spec.input_shape, setting, data.task_classes)
-    test = data.benchmark.test_stream[0].dataset
-    images = torch.stack([test[i % len(test)][0] for i in range(64)])
-    return checkpoint.load(run_dir, data)["trainer"].model.eval(), spec, images
 
 
 def compact_layers(model: TaskPathNet) -> list:
@@ -130,21 +114,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="scenario on which ccgn's small CNN is trained [%(default)s]")
     args = parser.parse_args(argv)
     rounds, repeats = (2, 1) if args.tiny else (args.rounds, args.repeats)
-    networks = [("small_cnn", 4 if args.tiny else 32, (1, 28, 28)), ("resnet18", 4 if args.tiny else 16, (3, 32, 32))]
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        for (backbone, width, shape), gates, setting in product(networks, ("trained", "random"), ("task", "class")):
-            if gates == "trained" and backbone != "small_cnn":
-                continue
-            torch.manual_seed(0)
-            if gates == "trained":
-                with tempfile.TemporaryDirectory() as folder:
-                    gated, spec, images = trained_model(args.trained_on, setting, width, folder)
-            else:
-                classes = [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)]
-                spec = ModelSpec(backbone, width, shape, setting, classes)
-                gated, images = random_gated_model(spec), torch.randn(64, *shape)
+        for backbone, width, gates, setting, spec, gated, images in gated_networks(args.tiny, args.trained_on):
             for batch in (1, 64):
                 x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
                 with torch.no_grad():

@@ -8,8 +8,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import platform
+import tempfile
 from contextlib import ExitStack, contextmanager
 from importlib import metadata
+from itertools import product
 from pathlib import Path
 from unittest import mock
 
@@ -25,10 +27,13 @@ import clbench.path_network  # noqa: F401
 from clbench.datasets.images import ImageArrayDataset
 from clbench.datasets.loaders import load_split_mnist_mini
 from clbench.datasets.scenarios import SCENARIOS
+from clbench import checkpoint
+from clbench.config import RunConfig
 from clbench.models import ModelSpec
 from clbench.path_network import TaskPathNet
 from clbench.registry import get_strategy
 from clbench.results import git_commit
+from clbench.runner import run, run_scenario
 from clbench.sweep import available_cores
 
 
@@ -126,3 +131,37 @@ def random_gated_model(spec: ModelSpec) -> TaskPathNet:
                 layer.freeze(task, torch.rand(layer.out_units) < RANDOM_GATED_ALLOWED)
     model.tasks_learned = RANDOM_GATED_TASKS
     return model.eval()
+
+
+def trained_gated_model(scenario: str, setting: str, width: int,
+                        folder: str) -> tuple[TaskPathNet, ModelSpec, torch.Tensor]:
+    """ccgn's small CNN trained by clbench on `scenario` (1 epoch per task, seed 0) into
+    `folder`, its spec, and 64 of the scenario's test images of the first task."""
+    cfg = RunConfig(scenario=scenario, strategy="ccgn", setting=setting, width=width, keep_checkpoints=True,
+                    results_dir=folder)
+    run_dir = run(cfg).run_dir
+    data = run_scenario(cfg)
+    spec = ModelSpec("small_cnn", width, data.spec.input_shape, setting, data.task_classes)
+    test = data.benchmark.test_stream[0].dataset
+    images = torch.stack([test[i % len(test)][0] for i in range(64)])
+    return checkpoint.load(run_dir, data)["trainer"].model.eval(), spec, images
+
+
+def gated_networks(tiny: bool, trained_on: str):
+    """The gated networks the inference benchmarks time: ccgn's small CNN of width 32
+    trained on `trained_on` and with random gates (`random_gated_model`), and ResNet-18
+    of width 16 with random gates (width 4 each where `tiny`), in the task and class
+    settings. Yields backbone, width, gates ("trained" or "random"), setting, spec, the
+    network and 64 inputs (test images of the first task, or random ones)."""
+    networks = [("small_cnn", 4 if tiny else 32, (1, 28, 28)), ("resnet18", 4 if tiny else 16, (3, 32, 32))]
+    for (backbone, width, shape), gates, setting in product(networks, ("trained", "random"), ("task", "class")):
+        if gates == "trained" and backbone != "small_cnn":
+            continue
+        torch.manual_seed(0)
+        if gates == "trained":
+            with tempfile.TemporaryDirectory() as folder:
+                model, spec, images = trained_gated_model(trained_on, setting, width, folder)
+        else:
+            spec = ModelSpec(backbone, width, shape, setting, [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)])
+            model, images = random_gated_model(spec), torch.randn(64, *shape)
+        yield backbone, width, gates, setting, spec, model, images

@@ -21,6 +21,7 @@ unseen; clbench makes none.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -169,6 +170,18 @@ class CompactLayer:
             return out, mask
         return out[:, :self.conv.out_channels] * mask_shape, mask
 
+    def from_shared(self, x: torch.Tensor, active_in: torch.Tensor, count: MacCount,
+                    first: SharedOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """As a call on `x` followed by what `SharedFirstLayer` applies after the
+        convolution, but taking this path's channels from the first layer's output shared
+        by every path."""
+        mask = self.mask(x)
+        count.add(active_in, mask, self.kernel * first.spatial, self.mask_macs)
+        # Selected in channels-last order, so that the result stays channels-last (an
+        # index_select over dimension 1 returns NCHW, and the layers after it then run slowly).
+        channels = first.out.permute(0, 2, 3, 1).index_select(3, first.positions[self]).permute(0, 3, 1, 2)
+        return channels * mask.view(*mask.shape, 1, 1), mask
+
 
 class CompactSmallCNN:
     """`PathSmallCNN` cut to one task's channels."""
@@ -186,20 +199,24 @@ class CompactSmallCNN:
             kept_in = kept_out
         self.kept = kept_in
 
-    def __call__(self, x: torch.Tensor,
-                 stages: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None,
+                 first: SharedOutput | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept features and MACs per sample; where `stages` is a list, each layer's output
-        averaged over positions is added to it, as in `PathTrace.stages`."""
+        averaged over positions is added to it, as in `PathTrace.stages`. With `first`, the
+        first layer's output comes from there."""
         x, active, count = channels_last(x), torch.ones(len(x), self.in_channels, device=x.device), MacCount()
         for index, layer in enumerate(self.layers):
             if index == 2:
                 x = x.flatten(1)
                 active = active.repeat_interleave(self.spatial, 1)
-            pooled = index < 2  # channels-last max-pooling too is fastest at a multiple of 8 channels
-            x, active = layer(x, active, count, keep_padding=pooled)
-            x = F.relu(x)
-            if pooled:
-                x = F.max_pool2d(x, 2)[:, :layer.conv.out_channels]  # the next convolution reads this view
+            if index == 0 and first is not None:
+                x, active = layer.from_shared(x, active, count, first)
+            else:
+                pooled = index < 2  # channels-last max-pooling too is fastest at a multiple of 8 channels
+                x, active = layer(x, active, count, keep_padding=pooled)
+                x = F.relu(x)
+                if pooled:
+                    x = F.max_pool2d(x, 2)[:, :layer.conv.out_channels]  # the next convolution reads this view
             pool_stage(stages, x, layer.kept, layer.out_units)
         return x, count.total()
 
@@ -248,14 +265,17 @@ class CompactResNet18:
         self.kept = kept_in
         self.layers = [self.stem] + [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
 
-    def __call__(self, x: torch.Tensor,
-                 stages: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None,
+                 first: SharedOutput | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept features and MACs per sample; where `stages` is a list, the output of the
         stem and of each block averaged over positions is added to it, as in
-        `PathTrace.stages`."""
-        count = MacCount()
-        x, active = self.stem(channels_last(x), torch.ones(len(x), self.in_channels, device=x.device), count)
-        x = F.relu(x)
+        `PathTrace.stages`. With `first`, the stem's output comes from there."""
+        count, active = MacCount(), torch.ones(len(x), self.in_channels, device=x.device)
+        if first is not None:
+            x, active = self.stem.from_shared(x, active, count, first)
+        else:
+            x, active = self.stem(channels_last(x), active, count)
+            x = F.relu(x)
         pool_stage(stages, x, self.stem.kept, self.stem.out_units)
         for block in self.blocks:
             x, active = block(x, active, count)
@@ -297,6 +317,8 @@ class CompactPath:
         self.head = head.weight.detach()[:, self.backbone.kept], head.bias.detach()
         self.head_macs = head.in_features * head.out_features
         self.out_features = model.backbone.out_features
+        self.first_layer = model.path_layers[0]
+        self.shared_first = None  # (the paths, their SharedFirstLayer), set by `run_learned_paths`
 
     def is_current(self) -> bool:
         return tensor_state(tensors_of(self.sources)) == self.state
@@ -306,13 +328,59 @@ class CompactPath:
         features, macs = self.backbone(x)
         return F.linear(features, *self.head), macs + self.head_macs
 
-    def features_and_logits(self, x: torch.Tensor,
-                            stages: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features_and_logits(self, x: torch.Tensor, stages: bool = False,
+                            first: SharedOutput | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The path's features (all of them, those cut away zero), or with `stages` every
         stage's output averaged over positions (`PathTrace.stages`); logits and MACs per
-        sample."""
+        sample. With `first`, the first layer's output comes from there."""
         pooled = [] if stages else None
-        features, macs = self.backbone(x, pooled)
+        features, macs = self.backbone(x, pooled, first)
         logits = F.linear(features, *self.head)
         read = torch.cat(pooled, 1) if stages else widen(features, self.backbone.kept, self.out_features)
         return read, logits, macs + self.head_macs
+
+
+@dataclass
+class SharedOutput:
+    """What `SharedFirstLayer` computed for a batch: its output over the union of the
+    paths' channels, where each path's first layer finds its own (`positions`), and the
+    convolution's output positions (for counting MACs)."""
+
+    out: torch.Tensor
+    positions: dict[CompactLayer, torch.Tensor]
+    spatial: int
+
+
+class SharedFirstLayer:
+    """The first layer of every learned task's compact path in the class setting, run once
+    for all: every path reads the same input, so their convolutions are computed together
+    over the union of the channels the tasks keep, with what follows up to the mask (the
+    ReLU, and the small CNN's max-pooling, which commute with a mask >= 0). Each path then
+    takes its own channels and multiplies its mask. Outputs as those of the separate
+    paths up to the rounding of float sums; MACs counted per path, as the masked layers
+    count them (the paper's count)."""
+
+    def __init__(self, layer: PathLayer, paths: list[CompactPath]):
+        firsts = [path.backbone.layers[0] for path in paths]
+        union = torch.unique(torch.cat([first.kept for first in firsts]))
+        self.conv = CompactConv(layer.layer, layer.norm, torch.arange(layer.in_units, device=union.device), union)
+        self.positions = {first: torch.searchsorted(union, first.kept) for first in firsts}
+        self.pool = isinstance(paths[0].backbone, CompactSmallCNN)
+
+    def __call__(self, x: torch.Tensor) -> SharedOutput:
+        out = F.relu(self.conv(channels_last(x)))
+        spatial = out.shape[2] * out.shape[3]
+        return SharedOutput(F.max_pool2d(out, 2) if self.pool else out, self.positions, spatial)
+
+
+def run_learned_paths(paths: list[CompactPath], x: torch.Tensor,
+                      stages: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """`TaskPathNet.learned_paths` with compact paths: what the task classifier reads of
+    each path, each path's logits and the MACs of all, the paths' first layer shared
+    (`SharedFirstLayer`, kept with the first path until any path is rebuilt)."""
+    cached = paths[0].shared_first
+    if cached is None or len(cached[0]) != len(paths) or any(a is not b for a, b in zip(cached[0], paths)):
+        paths[0].shared_first = cached = paths, SharedFirstLayer(paths[0].first_layer, paths)
+    first = cached[1](x)
+    features, logits, macs = zip(*(path.features_and_logits(x, stages, first) for path in paths))
+    return list(features), list(logits), sum(macs)

@@ -364,9 +364,9 @@ class TaskPathNet(MultiTaskModule):
         `runs_compact()`."""
         tasks = range(max(self.tasks_learned, 1))
         if self.runs_compact():
-            features, logits, macs = zip(*(self.compact_path(task).features_and_logits(x, self.classifier_reads_stages)
-                                            for task in tasks))
-            return list(features), list(logits), sum(macs)
+            from clbench.compact import run_learned_paths
+
+            return run_learned_paths([self.compact_path(task) for task in tasks], x, self.classifier_reads_stages)
         read, logits, macs = [], [], 0
         for task in tasks:
             trace = PathTrace()

@@ -137,7 +137,7 @@ def test_compact_revisions_benchmark_times_this_checkout_against_a_commit(tmp_pa
     revisions.main(["--tiny", "--threads", "1", "--against", "HEAD", "--output", str(output)])
     table = pd.read_csv(output)
     assert list(table.columns) == revisions.COLUMNS
-    assert len(table) == 2 * 2 * 2 and (table.ratio_best > 0).all()
+    assert len(table) == 3 * 2 * 2 and (table.ratio_best > 0).all()
     with pytest.raises(SystemExit, match="cannot read clbench/compact.py"):
         revisions.main(["--tiny", "--against", "no-such-revision", "--output", str(output)])
     # A checkout whose compact paths count other MACs is refused, not timed.

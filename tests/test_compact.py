@@ -118,6 +118,17 @@ def test_compact_paths_give_a_task_classifier_reading_every_stage_what_the_maske
     assert torch.allclose(compact, masked, atol=1e-5)
 
 
+def test_the_class_settings_shared_first_layer_follows_the_paths_it_serves():
+    """The first layer the class setting's paths share is rebuilt when the learned paths
+    change: here one more task learned, no tensor changed."""
+    model = learned_model("ccgn", "small_cnn", "class")
+    x, tasks = inputs()
+    compact_and_masked(model, x, tasks)
+    model.tasks_learned = 3
+    (out, macs), (masked_out, masked_macs) = compact_and_masked(model, x, tasks)
+    assert torch.allclose(out, masked_out, atol=1e-5) and torch.equal(macs, masked_macs)
+
+
 @pytest.mark.parametrize("strategy", ["ccgn", "hat"])
 def test_a_compact_path_is_rebuilt_whenever_what_it_was_cut_from_changes(strategy):
     """Each change (written in place like an optimiser step, a task's mask changed, a
