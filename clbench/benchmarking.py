@@ -1,7 +1,7 @@
 """What the scripts under `benchmarks/` share: Split-MNIST-like scenarios of any number of
-tasks from the embedded MNIST subset, PyTorch's thread count and the backbones' memory
-layout while they measure, the columns that say where a measurement was taken, and
-writing their tables."""
+tasks from the embedded MNIST subset, the gated networks the inference benchmarks time,
+PyTorch's thread count and the backbones' memory layout while they measure, the columns
+that say where a measurement was taken, and writing their tables."""
 
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ import clbench.compact  # noqa: F401
 import clbench.models  # noqa: F401
 import clbench.path_network  # noqa: F401
 
+from clbench import checkpoint
+from clbench.config import RunConfig
 from clbench.datasets.images import ImageArrayDataset
 from clbench.datasets.loaders import load_split_mnist_mini
 from clbench.datasets.scenarios import SCENARIOS
-from clbench import checkpoint
-from clbench.config import RunConfig
 from clbench.models import ModelSpec
 from clbench.path_network import TaskPathNet
 from clbench.registry import get_strategy

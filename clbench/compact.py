@@ -10,7 +10,9 @@ biases, batch norms, the gating modules' first layer and the head are cut alike,
 batch norm is folded into the layer before it. A channel cut away is exactly zero in the
 masked network, so the outputs are the masked network's up to the rounding of float sums
 (which could flip a gate whose logit is within rounding of 0), and each sample's MACs are
-counted as there (the channels its mask opened).
+counted as there (the channels its mask opened). In the class setting, where every learned
+task's path reads the same image, the paths' first layer runs once for all
+(`SharedFirstLayer`).
 
 A compact path remembers every tensor it was cut from (its version counter and storage)
 and `TaskPathNet` rebuilds it once any of them changed: an optimiser step,
