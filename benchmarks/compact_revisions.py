@@ -46,7 +46,7 @@ def compact_at(revision: str) -> tuple[types.ModuleType, str]:
         return done.stdout
 
     commit = git("rev-parse", "--verify", f"{revision}^{{commit}}").strip()
-    module = types.ModuleType(f"compact_at_{commit}")
+    module = sys.modules[f"compact_at_{commit}"] = types.ModuleType(f"compact_at_{commit}")  # dataclasses look it up
     exec(compile(git("show", f"{commit}:clbench/compact.py"), f"{commit}:clbench/compact.py", "exec"), module.__dict__)
     if not hasattr(module, "run_learned_paths"):  # before the class setting shared the first layer
         def run_learned_paths(paths, x, stages):
