@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from clbench.benchmarking import machine_columns, torch_threads, write_csv
+from clbench.benchmarking import interleaved_times, machine_columns, torch_threads, write_csv
 
 RESULTS = Path(__file__).parent / "results" / "channel_counts.csv"
 COLUMNS = ["operation", "in_channels", "size", "out_channels", "best_ms", "median_ms", "rounds", "repeats", "machine",
@@ -52,13 +51,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         machine = machine_columns()
         for kind, in_channels, size in SHAPES:
             calls = {n: operation(kind, in_channels, size, n, batch) for n in OUT_CHANNELS}
-            times = {n: [] for n in calls}
-            for _ in range(rounds):
-                for n, call in calls.items():
-                    start = time.perf_counter()
-                    for _ in range(repeats):
-                        call()
-                    times[n].append((time.perf_counter() - start) / repeats)
+            times = interleaved_times(calls, rounds, repeats)
             for n, measured in times.items():
                 rows.append({"operation": kind, "in_channels": in_channels, "size": size, "out_channels": n,
                              "best_ms": round(1e3 * min(measured), 3),

@@ -19,7 +19,6 @@ import copy
 import statistics
 import subprocess
 import sys
-import time
 import types
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 from clbench import compact
-from clbench.benchmarking import gated_networks, machine_columns, torch_threads, write_csv
+from clbench.benchmarking import gated_networks, interleaved_times, machine_columns, torch_threads, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "compact_revisions.csv"
@@ -67,17 +66,6 @@ def imported_as_compact(module: types.ModuleType):
         sys.modules["clbench.compact"] = here
 
 
-def time_both(passes: dict, rounds: int, repeats: int) -> dict[str, list[float]]:
-    times = {name: [] for name in passes}
-    for _ in range(rounds):
-        for name, run_pass in passes.items():
-            start = time.perf_counter()
-            for _ in range(repeats):
-                run_pass()
-            times[name].append((time.perf_counter() - start) / repeats)
-    return times
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", default="HEAD", help="the commit to compare with [%(default)s]")
@@ -111,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     assert all(type(p) is compact.CompactPath for p in here._compact_paths.values()) and \
                         all(type(p) is other.CompactPath for p in against._compact_paths.values())
                     repeats = 1 if args.tiny else max(1, args.repeats // (10 if batch > 1 else 1))
-                    times = time_both({"against": lambda: run_against(x, t),
+                    times = interleaved_times({"against": lambda: run_against(x, t),
                                        "here": lambda: here.forward_with_macs(x, t)}, rounds, repeats)
                     best = {name: min(measured) for name, measured in times.items()}
                     rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,

@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from clbench.benchmarking import machine_columns, torch_threads, write_csv
+from clbench.benchmarking import interleaved_times, machine_columns, torch_threads, write_csv
 from clbench.path_network import FreezableBatchNorm2d
 
 RESULTS = Path(__file__).parent / "results" / "freezable_batch_norm.csv"
@@ -84,13 +84,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                "max_statistics_difference": max(
                                    (norm.running_mean - hand_written.running_mean).abs().max().item(),
                                    (norm.running_var - hand_written.running_var).abs().max().item())}
-                times = {name: [] for name in forwards}
-                for _ in range(rounds):
-                    for name, forward in forwards.items():
-                        start = time.perf_counter()
-                        for _ in range(repeats):
-                            step(forward, x, gradient)
-                        times[name].append((time.perf_counter() - start) / repeats)
+                times = interleaved_times({name: partial(step, forward, x, gradient)
+                                           for name, forward in forwards.items()}, rounds, repeats)
                 for name, measured in times.items():
                     rows.append({"channels": channels, "size": size, "frozen_share": share, "variant": name,
                                  "best_ms": round(1e3 * min(measured), 3),

@@ -29,14 +29,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 from pathlib import Path
 from unittest import mock
 
 import torch
 
 from clbench import compact
-from clbench.benchmarking import gated_networks, machine_columns, torch_threads, write_csv
+from clbench.benchmarking import gated_networks, interleaved_times, machine_columns, torch_threads, write_csv
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
 from clbench.runner import dense_macs
@@ -89,20 +88,6 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
                   "compact_unpadded": executed}
 
 
-def timings(runs: dict, rounds: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per batch of each run, `rounds` times, the runs interleaved."""
-    for execute in runs.values():  # warm up (and cut the compact paths)
-        execute()
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, execute in runs.items():
-            start = time.perf_counter()
-            for _ in range(repeats):
-                execute()
-            times[name].append((time.perf_counter() - start) / repeats)
-    return times
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -123,7 +108,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 with torch.no_grad():
                     runs, macs = executions(spec, gated, x, t)
                     kept, patterns = kept_macs(gated, x, t), gate_patterns(gated, x)
-                    times = timings(runs, rounds, repeats)
+                    for execute in runs.values():  # warm up (and cut the compact paths)
+                        execute()
+                    times = interleaved_times(runs, rounds, repeats)
                 for name, measured in times.items():
                     rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
                                  "batch": batch, "execution": name, "best_ms": round(1e3 * min(measured), 3),

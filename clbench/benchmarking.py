@@ -9,6 +9,8 @@ import csv
 import dataclasses
 import platform
 import tempfile
+import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from importlib import metadata
 from itertools import product
@@ -97,6 +99,20 @@ def machine_columns() -> dict:
     return {"machine": platform.processor() or platform.machine(), "cores": available_cores(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
             "avalanche": metadata.version("avalanche-lib"), "clbench_commit": git_commit()}
+
+
+def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each of `calls`, `rounds` times, the calls alternating from
+    round to round (A B A B ...) so that a change in the machine's load reaches all alike;
+    each round times `repeats` calls in a row."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            times[name].append((time.perf_counter() - start) / repeats)
+    return times
 
 
 def write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
