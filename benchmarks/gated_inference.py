@@ -19,7 +19,10 @@ beside two that MAC counts promise: by the MACs clbench counts per sample (the c
 each sample's gates open), and by the MACs of every channel the task keeps open (what an
 execution giving all samples of a batch one set of channels computes at least); and how
 many distinct gate patterns the batch's samples have in each layer of the first task's
-path (column `gate_patterns`, layers separated by /).
+path (column `gate_patterns`, layers separated by /), and in each such layer how many
+channels some sample of the batch opens against how many the task keeps (column
+`batch_open_channels`): where these are equal, running a batch on the channels its samples
+open saves nothing over the compact path.
 
 Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on SCENARIO]
 """
@@ -43,6 +46,7 @@ from clbench.runner import dense_macs
 RESULTS = Path(__file__).parent / "results" / "gated_inference.csv"
 COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "macs_per_sample",
            "speedup_measured", "speedup_macs", "kept_macs_per_sample", "speedup_kept_macs", "gate_patterns",
+           "batch_open_channels",
            "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
 
@@ -62,10 +66,14 @@ def kept_macs(gated: TaskPathNet, x: torch.Tensor, t: torch.Tensor) -> float:
     return model.forward_with_macs(x, t)[1].float().mean().item()
 
 
-def gate_patterns(gated: TaskPathNet, x: torch.Tensor) -> str:
-    """How many distinct gate patterns the samples of `x` have in each layer of task 0's path."""
+def gate_usage(gated: TaskPathNet, x: torch.Tensor) -> tuple[str, str]:
+    """In each layer of task 0's path: how many distinct gate patterns the samples of `x`
+    have, and "open of kept": how many channels some sample opens, of those the task keeps."""
     _, trace = gated.forward_path(x, 0)
-    return "/".join(str(len(torch.unique(mask, dim=0))) for mask in trace.masks)
+    patterns = "/".join(str(len(torch.unique(mask, dim=0))) for mask in trace.masks)
+    channels = "/".join(f"{int((mask > 0.5).any(0).sum())} of {int(layer.kept_channels(0).sum())}"
+                        for layer, mask in zip(gated.path_layers, trace.masks))
+    return patterns, channels
 
 
 def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Tensor) -> tuple[dict, dict]:
@@ -107,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
                 with torch.no_grad():
                     runs, macs = executions(spec, gated, x, t)
-                    kept, patterns = kept_macs(gated, x, t), gate_patterns(gated, x)
+                    kept, (patterns, channels) = kept_macs(gated, x, t), gate_usage(gated, x)
                     for execute in runs.values():  # warm up (and cut the compact paths)
                         execute()
                     times = interleaved_times(runs, rounds, repeats)
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  "speedup_measured": round(min(times["dense"]) / min(measured), 2),
                                  "speedup_macs": round(macs["dense"] / macs[name], 2),
                                  "kept_macs_per_sample": round(kept), "speedup_kept_macs": round(macs["dense"] / kept, 2),
-                                 "gate_patterns": patterns,
+                                 "gate_patterns": patterns, "batch_open_channels": channels,
                                  "rounds": rounds, "repeats": repeats, **machine})
     print_table(rows)
     write_csv(rows, COLUMNS, args.output)

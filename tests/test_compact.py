@@ -226,6 +226,16 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
     patterns = table.query("execution == 'compact'").set_index("batch").gate_patterns.str.split("/")
     assert all(set(layers) == {"1"} for layers in patterns.loc[1]), "one image has one gate pattern per layer"
     assert any(int(n) > 1 for layers in patterns.loc[64] for n in layers)
+    # Channels some sample opens, of those kept: never more; a batch opens at least what its
+    # first image does; one image through random gates leaves some kept channel closed.
+    columns = ["backbone", "gates", "setting", "batch", "batch_open_channels"]
+    opened = {tuple(row[:4]): [[int(n) for n in layer.split(" of ")] for layer in row[4].split("/")]
+              for row in table.query("execution == 'compact'")[columns].itertuples(index=False)}
+    assert all(used <= kept for layers in opened.values() for used, kept in layers)
+    assert all(used >= first for (*network, batch), layers in opened.items() if batch == 64
+               for (used, _), (first, _) in zip(layers, opened[(*network, 1)]))
+    assert any(used < kept for (_, gates, _, batch), layers in opened.items() if gates == "random" and batch == 1
+               for used, kept in layers)
     assert set(table.batch) == {1, 64}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
     assert "speed-up" in capsys.readouterr().out

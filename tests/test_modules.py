@@ -324,6 +324,27 @@ def test_ltp_on_ccgn_prunes_a_tasks_kernels_for_good_when_they_freeze(tiny_scena
                 plugins=[ltp.LearnedThresholds(options)])
 
 
+def test_the_free_kernel_script_prunes_a_fresh_initialisation_at_the_layers_threshold():
+    """Default (uniform) initialisation has w^2 / E[w^2] = 3 u^2, u uniform on [0, 1], so a
+    threshold of 0.75 prunes half of a fresh kernel's weights, whatever the trained free
+    kernels hold."""
+    script = load_script("scripts", "ltp_free_kernels")
+    torch.manual_seed(0)
+    model = get_strategy("ccgn").from_hparams({}).make_model(ModelSpec("small_cnn", 32, (1, 28, 28), "task", [[0, 1]]))
+    ltp.attach(model, 0.75, 0.05)
+    with torch.no_grad():
+        for path_layer, layer in ltp.path_layer_weights(model):
+            layer.parametrizations.weight.original[4:].mul_(10)  # trained free kernels: 95% above the threshold
+            path_layer.frozen[:4] = True
+        ltp.prune_frozen_kernels_for_good(model)  # frozen at their initial weights: half kept
+    rows = script.layer_table(model)
+    assert [row["layer"] for row in rows] == list(model.named_path_layers())
+    assert all(row["threshold"] == pytest.approx(0.75) and row["frozen"] == 4 for row in rows)
+    assert all(row["fresh_pruned"] == pytest.approx(0.5, abs=0.08) for row in rows)
+    assert all(0.4 < row["fresh_mask"] < 0.6 for row in rows)
+    assert all(row["frozen_kept"] == pytest.approx(0.5, abs=0.15) for row in rows)
+
+
 def test_ltp_holds_a_target_sparsity_and_measures_the_deployed_network(tiny_scenario, tmp_path):
     config = RunConfig(scenario=tiny_scenario, width=8, results_dir=str(tmp_path),
                        modules=[{"name": "ltp", "target_sparsity": 0.5, "l0_weight": 5}])

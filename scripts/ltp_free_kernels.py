@@ -1,0 +1,77 @@
+"""Does learned-threshold pruning leave ccgn's next task kernels to learn with? ccgn
+re-initialises the kernels no learned task froze before each task, while ltp's per-layer
+thresholds stay where the tasks so far raised them. Loads the checkpoint of a ccgn run
+with `--module ltp` (after its last finished task: a run still going, or one kept with
+`--keep-checkpoints`) and prints per pruned layer: its threshold (in the layer's mean
+squared weight at attachment, `modules/ltp.py`), the kernels frozen and the share of
+their weights kept, and for a fresh initialisation of the free kernels, what the next
+task starts from: the share of weights the threshold prunes, and their mean soft mask,
+which is also the share of the task loss's gradient that reaches them (dv/dw = mask).
+
+    python scripts/ltp_free_kernels.py RUN_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from clbench import checkpoint
+from clbench.config import resolve_config
+from clbench.path_network import TaskPathNet
+from clbench.runner import run_scenario
+
+
+@torch.no_grad()
+def layer_table(model: TaskPathNet) -> list[dict]:
+    """One row per soft-thresholded layer of `model` (a projection shortcut's after its
+    layer's), its free kernels given a fresh initialisation as ccgn gives them."""
+    fresh = copy.deepcopy(model)
+    rows = []
+    for (name, path_layer), fresh_layer in zip(model.named_path_layers().items(), fresh.path_layers):
+        fresh_layer.reinitialise_free_kernels()
+        weights = [m for m in [path_layer.layer, *(path_layer.tied or [])] if isinstance(m, (nn.Conv2d, nn.Linear))]
+        fresh_weights = [m for m in [fresh_layer.layer, *(fresh_layer.tied or [])]
+                         if isinstance(m, (nn.Conv2d, nn.Linear))]
+        frozen = path_layer.frozen
+        for k, (layer, fresh_module) in enumerate(zip(weights, fresh_weights)):
+            soft = layer.parametrizations.weight[0]
+            weight = layer.parametrizations.weight.original
+            new = fresh_module.parametrizations.weight.original
+            rows.append({"layer": name + (".shortcut" if k else ""), "threshold": soft.threshold.item(),
+                         "frozen": int(frozen.sum()), "kernels": len(frozen),
+                         "frozen_kept": soft.kept(weight)[frozen].float().mean().item() if frozen.any() else None,
+                         "fresh_pruned": 1 - soft.kept(new)[~frozen].float().mean().item() if (~frozen).any() else None,
+                         "fresh_mask": soft.mask(new)[~frozen].mean().item() if (~frozen).any() else None})
+    return rows
+
+
+def share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    cfg = resolve_config(args.run_dir / "config.yaml", {})
+    state = checkpoint.load(args.run_dir, run_scenario(cfg))
+    if state is None:
+        raise SystemExit(f"{args.run_dir} has no checkpoint: run it with --keep-checkpoints")
+    model = state["trainer"].model
+    if not isinstance(model, TaskPathNet) or not hasattr(model.path_layers[0].layer, "parametrizations"):
+        raise SystemExit(f"{args.run_dir} is not a run of ccgn with --module ltp")
+    print(f"after task {len(state['progress']['after_each_task'])}")
+    print("| layer | threshold | kernels frozen | their weights kept | fresh weights pruned | fresh mean soft mask |")
+    print("|---|---|---|---|---|---|")
+    for row in layer_table(model):
+        print(f"| {row['layer']} | {row['threshold']:.3f} | {row['frozen']} of {row['kernels']} | "
+              f"{share(row['frozen_kept'])} | {share(row['fresh_pruned'])} | {share(row['fresh_mask'])} |")
+
+
+if __name__ == "__main__":
+    main()
