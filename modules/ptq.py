@@ -28,13 +28,17 @@ channel, r the max-min range: the paper's sqrt(r1 r2)/r2), swept over the pairs 
 weights stop changing; a linear layer after a flatten is equalised as a 1-d conv over the
 flattened map (each channel owns `spatial` consecutive input columns). It applies only
 to conv/linear layers separated by ReLU and max-pool alone (which commute with positive
-per-channel scales): on the baselines' small_cnn, conv1-conv2 and conv2-fc. Not on
-resnet18 (batch norm sits between its layers; folding it in is not built), nor on
-ccgn/HAT, whose gates read each layer's input, which equalisation rescales: `dfq` there
-is an error. Bias correction subtracts each layer's expected output error E[dW x] = dW E[x]
-from its bias; the small CNN has no batch norm to give E[x] data-free, so E[x] is the
-empirical mean of the layer's float input on the calibration batches (conv: per input
-channel, padding ignored). The paper authors' implementation is AIMET (aimet-torch): not
+per-channel scales): on the baselines' small_cnn, conv1-conv2 and conv2-fc; on their
+resnet18, conv1-conv2 inside each residual block, once every batch norm is folded into
+the convolution before it, as the paper does (resnet18's other pairs straddle a residual
+addition, which a per-channel scale does not commute with). So on resnet18 the `_dfq`
+variants quantise the folded convolutions, the plain ones the unfolded convolutions with
+their batch norms left float after them. Not on ccgn/HAT, whose gates read each layer's
+input, which equalisation rescales: `dfq` there is an error. Bias correction subtracts
+each layer's expected output error E[dW x] = dW E[x] from its bias; the small CNN has no
+batch norm to give E[x] data-free, so E[x] is the empirical mean of the layer's float
+input on the calibration batches (conv: per input channel, padding ignored), on resnet18
+as well. The paper authors' implementation is AIMET (aimet-torch): not
 used, as it is not installed here and is a heavy dependency for two steps.
 """
 
@@ -50,10 +54,11 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.ao.quantization import FakeQuantize, MinMaxObserver, PerChannelMinMaxObserver
 from torch.ao.quantization._equalize import cross_layer_equalization
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.data import DataLoader, Dataset
 
 from clbench.errors import UserError
-from clbench.models import model_size_bytes, unparametrise
+from clbench.models import BasicBlock, model_size_bytes, unparametrise
 from clbench.path_network import PathLayer, TaskPathNet
 from clbench.registry import Module, ModuleOptions, Variant, register_module
 
@@ -92,10 +97,28 @@ def quantised_layers(model: nn.Module) -> list[nn.Conv2d | nn.Linear]:
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and id(m) not in gating]
 
 
+@torch.no_grad()
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """`model` (in evaluation mode) with each batch norm folded into the convolution before
+    it, which gains a bias, and replaced by an identity: the same function at test."""
+    for module in list(model.modules()):
+        if isinstance(module, BasicBlock):
+            module.conv1, module.bn1 = fuse_conv_bn_eval(module.conv1, module.bn1), nn.Identity()
+            module.conv2, module.bn2 = fuse_conv_bn_eval(module.conv2, module.bn2), nn.Identity()
+        elif isinstance(module, nn.Sequential):
+            for index in range(len(module) - 1):
+                if isinstance(module[index], nn.Conv2d) and isinstance(module[index + 1], nn.BatchNorm2d):
+                    module[index] = fuse_conv_bn_eval(module[index], module[index + 1])
+                    module[index + 1] = nn.Identity()
+    return model
+
+
 def equalisation_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """Consecutive conv/linear layers of an nn.Sequential with only ReLU, max-pool and
-    flatten between them, a ReLU among those."""
-    pairs = []
+    flatten between them, a ReLU among those; and the two convolutions of each residual
+    block whose batch norms are folded (`fold_batch_norms`)."""
+    pairs = [(block.conv1, block.conv2) for block in model.modules()
+             if isinstance(block, BasicBlock) and isinstance(block.bn1, nn.Identity)]
     for sequence in model.modules():
         if not isinstance(sequence, nn.Sequential):
             continue
@@ -225,7 +248,7 @@ class PostTrainingQuantisation(Module):
         granularity: list[Literal["per_channel", "per_tensor"]] = Field(
             ["per_channel", "per_tensor"], min_length=1, description="weight quantisation granularities")
         dfq: bool = Field(False, description="data-free quantisation first: cross-layer equalisation, bias correction "
-                                             "(small_cnn baselines only)")
+                                             "(baselines only)")
         calibration_examples: int = Field(256, gt=0, description="training examples of the latest task that "
                                                                  "calibrate activation ranges (and dfq's input means)")
 
@@ -237,15 +260,16 @@ class PostTrainingQuantisation(Module):
             return bits
 
     def check_model(self, model: nn.Module) -> None:
-        if self.options.dfq and (isinstance(model, TaskPathNet) or not equalisation_pairs(model)):
-            raise UserError("ptq's dfq needs conv/linear layers with only ReLU and max-pool between them (the "
-                            "small_cnn backbone of the baselines): not resnet18 (batch norm between layers) nor "
-                            "ccgn/HAT (their gates read the inputs equalisation rescales)")
+        if self.options.dfq and (isinstance(model, TaskPathNet) or
+                                 not equalisation_pairs(fold_batch_norms(copy.deepcopy(model).eval()))):
+            raise UserError("ptq's dfq needs conv/linear layers with only ReLU and max-pool (or a batch norm, "
+                            "folded) between them, as in the baselines' small_cnn and resnet18: not ccgn/HAT "
+                            "(their gates read the inputs equalisation rescales)")
 
     def variants(self, model: nn.Module, calibration: Dataset, n_tasks: int) -> dict[str, Variant]:
-        base = unparametrise(copy.deepcopy(model))  # with ltp: the soft-thresholded weights as evaluated
+        base = unparametrise(copy.deepcopy(model)).eval()  # with ltp: the soft-thresholded weights as evaluated
         if self.options.dfq:
-            equalise(base)
+            equalise(fold_batch_norms(base))
         batches = calibration_batches(calibration, self.options.calibration_examples, next(model.parameters()).device)
         suffix = "_dfq" if self.options.dfq else ""
         return {f"w{bits}a{bits}_{granularity}{suffix}":

@@ -150,6 +150,30 @@ def test_equalisation_keeps_the_function_and_narrows_per_channel_ranges():
     assert range_spread(equalised_conv2.weight, 1) < 0.01 * range_spread(conv2.weight, 1)
 
 
+def test_equalisation_folds_resnet18s_batch_norms_keeps_the_function_and_narrows_per_channel_ranges():
+    """Batch norms with scales over three orders of magnitude, folded into the convolutions
+    before them: each residual block's conv1-conv2 pair is then equalised."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("resnet18", 8, (3, 32, 32), "task", [[0, 1]])).eval()
+    with torch.no_grad():
+        for norm in model.modules():
+            if isinstance(norm, nn.BatchNorm2d):
+                norm.weight.copy_(torch.logspace(-2, 1, len(norm.weight))[torch.randperm(len(norm.weight))])
+                norm.running_mean.uniform_(-1, 1)
+                norm.running_var.uniform_(0.5, 2)
+    x, t = torch.rand(4, 3, 32, 32), torch.zeros(4, dtype=torch.long)
+    folded = ptq.fold_batch_norms(copy.deepcopy(model))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(x, t), model(x, t), rtol=1e-4, atol=1e-4)
+    assert not ptq.equalisation_pairs(model)  # unfolded: batch norm between the convolutions
+    pairs = ptq.equalisation_pairs(folded)
+    assert len(pairs) == 8
+    spreads = [range_spread(conv1.weight, 0) for conv1, _ in pairs]
+    ptq.equalise(folded)
+    torch.testing.assert_close(folded(x, t), model(x, t), rtol=1e-4, atol=1e-4)
+    assert all(range_spread(conv1.weight, 0) < 0.1 * spread for (conv1, _), spread in zip(pairs, spreads))
+
+
 def test_bias_correction_reduces_the_mean_output_error():
     torch.manual_seed(0)
     layer = nn.Conv2d(8, 16, 3, padding=1)
