@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from clbench import checkpoint, results
-from clbench.config import RunConfig
+from clbench.config import RunConfig, resolve_config
 from clbench.datasets.scenarios import Scenario, build_scenario, scenario_spec
 from clbench.errors import UserError
 from clbench.loading import InMemoryBatches, eval_batches
@@ -260,6 +260,19 @@ def run_scenario(cfg: RunConfig) -> Scenario:
     """The scenario a run configuration trains and tests on."""
     return build_scenario(cfg.scenario, cfg.setting, cfg.data_root, cfg.seed, cfg.shuffle_classes,
                           cfg.classes_per_task, cfg.cache)
+
+
+def load_checkpointed_run(run_dir: Path) -> tuple[RunConfig, Scenario, dict]:
+    """A run folder's configuration, scenario and checkpoint (after its last finished
+    task), for the scripts that study a trained model: they exit with the reason where
+    there is no checkpoint."""
+    cfg = resolve_config(run_dir / "config.yaml", {})
+    scenario = run_scenario(cfg)
+    state = checkpoint.load(run_dir, scenario)
+    if state is None:
+        raise SystemExit(f"{run_dir} has no checkpoint: run it with --keep-checkpoints (a run still going has "
+                         "one after its first task)")
+    return cfg, scenario, state
 
 
 def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:

@@ -14,9 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from clbench import checkpoint
-from clbench.config import resolve_config
-from clbench.runner import run_scenario
+from clbench.runner import load_checkpointed_run
 
 
 @torch.no_grad()
@@ -36,11 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     run_dir = parser.parse_args(argv).run_dir
-    cfg = resolve_config(run_dir / "config.yaml", {})
-    scenario = run_scenario(cfg)
-    state = checkpoint.load(run_dir, scenario)
-    if state is None:
-        raise SystemExit(f"{run_dir} has no checkpoint: run it with --keep-checkpoints")
+    _, scenario, state = load_checkpointed_run(run_dir)
     model = state["trainer"].model.eval()
     print("| task | test samples | accuracy, compact | accuracy, masked | predictions differing | MACs differing "
           "| largest MAC difference |")

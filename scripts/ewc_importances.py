@@ -14,9 +14,7 @@ from pathlib import Path
 
 from avalanche.training.plugins import EWCPlugin
 
-from clbench import checkpoint
-from clbench.config import resolve_config
-from clbench.runner import run_scenario
+from clbench.runner import load_checkpointed_run
 
 
 def importance_table(trainer, bound: float) -> list[dict]:
@@ -36,10 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--top", type=int, default=10, help="parameter tensors shown [%(default)s]")
     args = parser.parse_args(argv)
-    cfg = resolve_config(args.run_dir / "config.yaml", {})
-    state = checkpoint.load(args.run_dir, run_scenario(cfg))
-    if state is None:
-        raise SystemExit(f"{args.run_dir} has no checkpoint")
+    cfg, _, state = load_checkpointed_run(args.run_dir)
     trainer = state["trainer"]
     step, limit = 2 * cfg.lr * cfg.hparams["ewc_lambda"], 2 * (1 + cfg.momentum)
     rows = sorted(importance_table(trainer, limit / step if step else float("inf")), key=lambda row: row["max"], reverse=True)

@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from clbench import checkpoint
-from clbench.config import resolve_config
 from clbench.path_network import TaskPathNet
-from clbench.runner import run_scenario
+from clbench.runner import load_checkpointed_run
 
 
 @torch.no_grad()
@@ -58,10 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
-    cfg = resolve_config(args.run_dir / "config.yaml", {})
-    state = checkpoint.load(args.run_dir, run_scenario(cfg))
-    if state is None:
-        raise SystemExit(f"{args.run_dir} has no checkpoint: run it with --keep-checkpoints")
+    _, _, state = load_checkpointed_run(args.run_dir)
     model = state["trainer"].model
     if not isinstance(model, TaskPathNet) or not hasattr(model.path_layers[0].layer, "parametrizations"):
         raise SystemExit(f"{args.run_dir} is not a run of ccgn with --module ltp")

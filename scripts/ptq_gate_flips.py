@@ -17,10 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from clbench import checkpoint
-from clbench.config import resolve_config
 from clbench.registry import build_modules
-from clbench.runner import run_scenario
+from clbench.runner import load_checkpointed_run
 
 
 @contextmanager
@@ -59,11 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--bits", type=int, nargs="+", default=[4])
     args = parser.parse_args(argv)
-    cfg = resolve_config(args.run_dir / "config.yaml", {})
-    scenario = run_scenario(cfg)
-    state = checkpoint.load(args.run_dir, scenario)
-    if state is None:
-        raise SystemExit(f"{args.run_dir} has no checkpoint: run it with --keep-checkpoints")
+    _, scenario, state = load_checkpointed_run(args.run_dir)
     model = state["trainer"].model.eval()
     if not hasattr(model, "path_layers"):
         raise SystemExit(f"{args.run_dir} is not a run of a gated strategy (ccgn, HAT)")
