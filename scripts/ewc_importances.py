@@ -2,9 +2,11 @@
 penalty? Loads the checkpoint of an EWC run (after its last finished task: a run still
 going, or one kept with `--keep-checkpoints`) and prints, for the parameter tensors with
 the largest importance, the largest and mean importance F, and for the largest the
-penalty's curvature times the learning rate, lr * 2 * lambda * F (Avalanche's penalty is
-lambda * sum F (theta - theta*)^2). SGD with momentum m on that quadratic alone
-oscillates with growing amplitude once this exceeds 2 (1 + m).
+penalty's curvature times the learning rate, lr * 2 * lambda * F. Avalanche's penalty is
+lambda * sum F (theta - theta*)^2 with one term per learned task (mode separate), so F
+here is the tasks' importances summed; in mode online, the latest (the decayed sum).
+SGD with momentum m on that quadratic alone oscillates with growing amplitude once
+lr * 2 * lambda * F exceeds 2 (1 + m).
 
     python scripts/ewc_importances.py RUN_DIR [--top 10]
 """
@@ -18,15 +20,19 @@ from clbench.runner import load_checkpointed_run
 
 
 def importance_table(trainer, bound: float) -> list[dict]:
-    """Per parameter tensor of the latest importances: name, size, largest and mean F, and
-    how many of its weights have F above `bound`."""
+    """Per parameter tensor of the importances the next task's penalty weighs: name, size,
+    largest and mean F, and how many of its weights have F above `bound`."""
     plugin = next((p for p in trainer.plugins if isinstance(p, EWCPlugin)), None)
     if plugin is None or not plugin.importances:
         raise SystemExit("the checkpoint holds no EWC importances: not an EWC run, or no task finished yet")
-    latest = plugin.importances[max(plugin.importances)]
-    return [{"parameter": name, "size": imp.data.numel(), "max": imp.data.max().item(), "mean": imp.data.mean().item(),
-             "above": int((imp.data > bound).sum())}
-            for name, imp in latest.items()]
+    tasks = sorted(plugin.importances) if plugin.mode == "separate" else [max(plugin.importances)]
+    summed = {}
+    for task in tasks:
+        for name, imp in plugin.importances[task].items():
+            summed[name] = summed[name] + imp.data if name in summed else imp.data
+    return [{"parameter": name, "size": f.numel(), "max": f.max().item(), "mean": f.mean().item(),
+             "above": int((f > bound).sum())}
+            for name, f in summed.items()]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -56,27 +56,35 @@ def test_a_checkpoint_refers_to_the_scenarios_data_instead_of_copying_it(tmp_pat
     assert (folder / CHECKPOINT).stat().st_size < train_images / 10
 
 
-def test_the_ewc_importance_script_reports_the_checkpoints_largest_importance(tiny_scenario, tmp_path, capsys):
-    """The table's first row is the largest importance in the checkpoint, and the weights
-    past the limit are those with lr * 2 * lambda * F above 2 (1 + momentum)."""
+@pytest.mark.parametrize("mode", ["online", "separate"])
+def test_the_ewc_importance_script_reports_the_importances_the_penalty_weighs(mode, tiny_scenario, tmp_path, capsys):
+    """Per parameter, the largest importance the next task's penalty weighs (separate mode:
+    the tasks' importances summed; online: the latest, a decayed sum), the largest first;
+    the weights past the limit are those with lr * 2 * lambda * F above 2 (1 + momentum)."""
     from conftest import load_script
 
     from clbench import checkpoint
     from clbench.runner import run_scenario
 
     script = load_script("scripts", "ewc_importances")
-    cfg = RunConfig(scenario=tiny_scenario, strategy="ewc", hparams={"ewc_lambda": 1e4}, width=4,
+    cfg = RunConfig(scenario=tiny_scenario, strategy="ewc", hparams={"ewc_lambda": 1e4, "mode": mode}, width=4,
                     classes_per_task=5, results_dir=str(tmp_path), keep_checkpoints=True)
     run_dir = run(cfg).run_dir
     capsys.readouterr()
-    script.main([str(run_dir), "--top", "1"])
+    script.main([str(run_dir), "--top", "1000"])
     lines = capsys.readouterr().out.splitlines()
-    row = next(line for line in lines if line.startswith("| ") and not line.startswith("| parameter"))
+    rows = [line.split("|") for line in lines if line.startswith("| ") and not line.startswith("| parameter")]
     above = next(line for line in lines if line.startswith("weights above"))
     plugin = next(p for p in checkpoint.load(run_dir, run_scenario(cfg))["trainer"].plugins
                   if hasattr(p, "importances"))
-    importances = [imp.data for imp in plugin.importances[max(plugin.importances)].values()]
+    weighed = {}
+    for task in sorted(plugin.importances) if mode == "separate" else [max(plugin.importances)]:
+        for name, imp in plugin.importances[task].items():
+            weighed[name] = weighed.get(name, 0) + imp.data
+    assert len(plugin.importances) == (2 if mode == "separate" else 1)
+    assert {cells[1].strip(): float(cells[3]) for cells in rows} == pytest.approx(
+        {name: f.max().item() for name, f in weighed.items()}, rel=1e-2)
+    assert float(rows[0][3]) == max(float(cells[3]) for cells in rows)
     limit = 2 * (1 + cfg.momentum) / (2 * cfg.lr * 1e4)
-    assert float(row.split("|")[3]) == pytest.approx(max(f.max().item() for f in importances), rel=1e-2)
-    past = sum(int((f > limit).sum()) for f in importances)
+    past = sum(int((f > limit).sum()) for f in weighed.values())
     assert past > 0 and int(above.split()[-3]) == past
