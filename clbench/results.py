@@ -171,6 +171,9 @@ def environment(cfg: RunConfig, started: float, scenario) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        # The instruction set PyTorch's CPU kernels use: float sums, and with them a run's
+        # numbers, can differ between machines that differ in it.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "packages": {name: metadata.version(name) for name in PACKAGES},

@@ -1,6 +1,7 @@
 """The command line end to end: the quickstart run, `list`, and bad input (exit code 2,
 one line, no traceback)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,9 @@ def test_quickstart_run_writes_a_complete_results_folder(tmp_path):
     table = pd.read_csv(run_dir / "metrics.csv")
     assert {"accuracy", "average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer",
             "task_aware_average_accuracy", "train_time_s", "eval_time_s", "parameters"} <= set(table.metric)
+    # What the numbers depend on: among them the instruction set of the CPU kernels.
+    environment = json.loads((run_dir / "environment.json").read_text())
+    assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert (run_dir / "accuracy_matrix.png").read_bytes()[:4] == b"\x89PNG"
     # The saved config repeats the run: it resolves to the same configuration.
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
