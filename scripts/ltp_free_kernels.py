@@ -18,8 +18,8 @@ import copy
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from clbench.modules import ltp
 from clbench.path_network import TaskPathNet
 from clbench.runner import load_checkpointed_run
 
@@ -29,22 +29,18 @@ def layer_table(model: TaskPathNet) -> list[dict]:
     """One row per soft-thresholded layer of `model` (a projection shortcut's after its
     layer's), its free kernels given a fresh initialisation as ccgn gives them."""
     fresh = copy.deepcopy(model)
+    for path_layer in fresh.path_layers:
+        path_layer.reinitialise_free_kernels()
+    names = {id(path_layer): name for name, path_layer in model.named_path_layers().items()}
     rows = []
-    for (name, path_layer), fresh_layer in zip(model.named_path_layers().items(), fresh.path_layers):
-        fresh_layer.reinitialise_free_kernels()
-        weights = [m for m in [path_layer.layer, *(path_layer.tied or [])] if isinstance(m, (nn.Conv2d, nn.Linear))]
-        fresh_weights = [m for m in [fresh_layer.layer, *(fresh_layer.tied or [])]
-                         if isinstance(m, (nn.Conv2d, nn.Linear))]
-        frozen = path_layer.frozen
-        for k, (layer, fresh_module) in enumerate(zip(weights, fresh_weights)):
-            soft = layer.parametrizations.weight[0]
-            weight = layer.parametrizations.weight.original
-            new = fresh_module.parametrizations.weight.original
-            rows.append({"layer": name + (".shortcut" if k else ""), "threshold": soft.threshold.item(),
-                         "frozen": int(frozen.sum()), "kernels": len(frozen),
-                         "frozen_kept": soft.kept(weight)[frozen].float().mean().item() if frozen.any() else None,
-                         "fresh_pruned": 1 - soft.kept(new)[~frozen].float().mean().item() if (~frozen).any() else None,
-                         "fresh_mask": soft.mask(new)[~frozen].mean().item() if (~frozen).any() else None})
+    for (path_layer, layer), (_, fresh_layer) in zip(ltp.path_layer_weights(model), ltp.path_layer_weights(fresh)):
+        soft, frozen = layer.parametrizations.weight[0], path_layer.frozen
+        weight, new = layer.parametrizations.weight.original, fresh_layer.parametrizations.weight.original
+        rows.append({"layer": names[id(path_layer)] + ("" if layer is path_layer.layer else ".shortcut"),
+                     "threshold": soft.threshold.item(), "frozen": int(frozen.sum()), "kernels": len(frozen),
+                     "frozen_kept": soft.kept(weight)[frozen].float().mean().item() if frozen.any() else None,
+                     "fresh_pruned": 1 - soft.kept(new)[~frozen].float().mean().item() if (~frozen).any() else None,
+                     "fresh_mask": soft.mask(new)[~frozen].mean().item() if (~frozen).any() else None})
     return rows
 
 
