@@ -208,6 +208,17 @@ def test_copies_and_checkpoints_leave_the_compact_paths_out(strategy):
             assert torch.equal(copied(x, tasks), expected)
 
 
+def test_gate_usage_counts_the_channels_a_batch_opens_of_those_its_task_keeps():
+    """The benchmark's "open of kept" column: its second number is the kept channels, not the layer's width."""
+    model = learned_model("ccgn", "small_cnn", "task")
+    _, channels = load_script("benchmarks", "gated_inference").gate_usage(model, inputs()[0])
+    counts = [[int(n) for n in layer.split(" of ")] for layer in channels.split("/")]
+    kept = [layer.kept_channels(0) for layer in model.path_layers]
+    assert [k for _, k in counts] == [int(k.sum()) for k in kept]
+    assert all(int(k.sum()) < k.numel() for k in kept)
+    assert all(0 < used <= k for used, k in counts)
+
+
 def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, capsys):
     benchmark = load_script("benchmarks", "gated_inference")
     output = tmp_path / "gated_inference.csv"
