@@ -260,3 +260,39 @@ def test_relaxed_quant_runs_on_naive_from_the_command_line(tiny_scenario, tmp_pa
     table = pd.read_csv(run_dir / "metrics.csv").query("task.isna()").set_index(["metric", "step"]).value
     assert table["model_size_bits@rq_w4", 2] < 8 * table["model_size_bytes", 2] / 4
     assert table["nonfinite_loss_iterations", 2] == 0
+
+
+def test_the_rq_fisher_script_recomputes_ewc_importances_on_latent_and_deployed_weights(tiny_scenario, tmp_path,
+                                                                                       capsys):
+    """On a two-task EWC run with relaxed_quant: the latent forward gives EWC's own
+    importances of the last task (mode separate keeps them apart); the hard forward, the
+    importances of the deployed network's weights."""
+    from conftest import load_script
+
+    from clbench import checkpoint
+    from clbench.runner import run_scenario
+
+    script = load_script("scripts", "rq_fisher")
+    cfg = RunConfig(scenario=tiny_scenario, strategy="ewc", hparams={"mode": "separate"}, width=4,
+                    classes_per_task=5, modules=[{"name": "relaxed_quant"}], results_dir=str(tmp_path),
+                    keep_checkpoints=True)
+    run_dir = run(cfg).run_dir
+    scenario = run_scenario(cfg)
+    trainer = checkpoint.load(run_dir, scenario)["trainer"]
+    dataset = scenario.benchmark.train_stream[1].dataset
+    latent, _ = script.weight_importances(trainer, dataset, "latent", cfg.batch_size)
+    hard, _ = script.weight_importances(trainer, dataset, "hard", cfg.batch_size)
+    ewc = next(p for p in trainer.plugins if hasattr(p, "importances")).importances[1]
+    assert latent.keys() == hard.keys() and len(latent) == len(quantised_layers(trainer.model))
+    for name, f in latent.items():
+        torch.testing.assert_close(f, ewc[name + ".weight"].data)
+    with torch.no_grad():
+        for layer in quantised_layers(trainer.model):
+            layer.weight.copy_(getattr(layer, relaxed_quant.GRID).hard(layer.weight))
+    deployed, _ = script.weight_importances(trainer, dataset, "latent", cfg.batch_size)
+    assert any(not torch.allclose(hard[name], latent[name]) for name in latent)
+    for name, f in hard.items():
+        torch.testing.assert_close(f, deployed[name])
+    script.main([str(run_dir), "--examples", "50"])
+    out = capsys.readouterr().out
+    assert all(f"| {forward} |" in out for forward in script.FORWARDS)
