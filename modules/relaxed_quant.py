@@ -27,6 +27,12 @@ Choices where the paper is not followed or not known here:
   in grid steps, alpha and sigma learnt in log space (positive, steps relative to their
   value).
 - The run's float results are the latent weights', which training does not evaluate.
+- Importances a strategy estimates with gradients outside its training steps (EWC's
+  Fisher information, computed in eval mode) are the deployed network's: in eval mode the
+  weights are rounded to the grid, gradients passed straight through to the latent
+  weights. The latent float network is not what was trained (on Split CIFAR-10 its loss
+  was twice the deployed one's and its importances 16 times larger on average, which made
+  EWC diverge at lambda 10; `scripts/rq_fisher.py`).
 - The grids are parameters of the model (a `relaxed_grid` module on each layer), added
   before the strategy's optimiser is built, so they train with the run's optimiser and
   are saved in checkpoints.
@@ -60,7 +66,7 @@ GRID = "relaxed_grid"  # the attribute of each quantised layer that holds its La
 
 class LayerGrid(nn.Module):
     """A layer's learnable grid alpha * (i + offset) and logistic noise scale sigma (in grid
-    steps); called on the weights, a relaxed sample of them on the grid."""
+    steps); the parametrisation of the layer's weights."""
 
     def __init__(self, weight: torch.Tensor, bits: int):
         super().__init__()
@@ -77,6 +83,15 @@ class LayerGrid(nn.Module):
         return alpha * ((weight / alpha - self.offset).round().clamp(self.low, self.high) + self.offset)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """In train mode a relaxed sample of `weight`; in eval mode (EWC's importances, say)
+        the deployed weights."""
+        return self.relaxed(weight) if self.training else self.straight_through(weight)
+
+    def straight_through(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weights rounded to the grid, with gradients passed straight through the rounding."""
+        return weight + (self.hard(weight) - weight).detach()
+
+    def relaxed(self, weight: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self.log_alpha.exp(), self.log_sigma.exp()
         position = (weight / alpha - self.offset).unsqueeze(-1)  # in grid steps, grid points at integers
         size = min(LOCAL_GRID, self.high - self.low + 1)
@@ -89,10 +104,28 @@ class LayerGrid(nn.Module):
         return alpha * ((choice * points).sum(-1) + self.offset)
 
 
+def weights_on_grid(layer: nn.Module, args) -> None:
+    """Forward pre-hook of a quantised layer: in a pass that computes gradients, its weights
+    go through its grid (a parametrisation registered for the layer's pass only, so that
+    between passes the model is as the strategy built it and parameter names stay)."""
+    if torch.is_grad_enabled():
+        parametrize.register_parametrization(layer, "weight", getattr(layer, GRID), unsafe=True)
+
+
+def latent_weights_again(layer: nn.Module, args, output) -> None:
+    """Forward hook of a quantised layer: removes what `weights_on_grid` registered, and
+    puts the bias back after the weight, where removal does not: online EWC matches its
+    importances of one task with the next's by the order of the parameters."""
+    if parametrize.is_parametrized(layer, "weight"):
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        if layer.bias is not None:
+            layer._parameters["bias"] = layer._parameters.pop("bias")
+
+
 class RelaxedWeights(SupervisedPlugin):
-    """Gives every quantised layer a grid when training starts, and replaces its weights by
-    relaxed samples during each training forward pass (a parametrisation registered for the
-    pass only: between passes the model is as the strategy built it)."""
+    """Gives every quantised layer a grid when training starts, through which its weights
+    pass in every forward pass that computes gradients: relaxed samples in training steps,
+    the deployed weights in a strategy's importance estimate (see `LayerGrid.forward`)."""
 
     def __init__(self, bits: int, temperature: float, final_temperature: float):
         super().__init__()
@@ -102,17 +135,14 @@ class RelaxedWeights(SupervisedPlugin):
         for layer in quantised_layers(strategy.model):
             if not hasattr(layer, GRID):
                 layer.add_module(GRID, LayerGrid(layer.weight, self.bits))
+                layer.register_forward_pre_hook(weights_on_grid)
+                layer.register_forward_hook(latent_weights_again)
 
-    def before_forward(self, strategy, **kwargs):
+    def before_training_iteration(self, strategy, **kwargs):
         done = strategy.clock.train_exp_iterations / (strategy.train_epochs * len(strategy.dataloader))
         temperature = self.temperature * (self.final_temperature / self.temperature) ** done
         for layer in quantised_layers(strategy.model):
             getattr(layer, GRID).temperature = temperature
-            parametrize.register_parametrization(layer, "weight", getattr(layer, GRID), unsafe=True)
-
-    def after_forward(self, strategy, **kwargs):
-        for layer in quantised_layers(strategy.model):
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
 
 
 @register_module

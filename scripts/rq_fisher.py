@@ -1,12 +1,13 @@
 """On which forward pass should EWC measure importances in a relaxed-quantisation run?
-Avalanche's EWC computes them with a plain forward on the latent float weights, a network
-training never ran (relaxation is on in training passes only). This recomputes the last
-learned task's importances (Avalanche's own computation, on that task's training data) on
-three forwards of the same checkpoint, for the quantised layers' weights:
-  latent  - the float latent weights, as EWC does now;
+Avalanche's EWC computes them with a forward pass in eval mode: before session 14 that saw
+the latent float weights, a network training never ran; relaxed_quant now rounds the
+weights to their grids there. This recomputes the last learned task's importances
+(Avalanche's own computation, on that task's training data) on three forwards of one
+checkpoint, for the quantised layers' weights:
+  latent  - the float latent weights (what EWC used before);
   relaxed - relaxed samples at the temperature training ended at, as training saw them;
   hard    - the weights rounded to their grids (the deployed network), gradients passed
-            straight through the rounding to the latent weights;
+            straight through the rounding to the latent weights (what EWC uses now);
 with the loss of each forward and the largest and mean importance, overall and per layer.
 
     python scripts/rq_fisher.py RUN_DIR [--examples 2000] [--top 5]
@@ -20,7 +21,6 @@ import torch
 from avalanche.training.plugins import EWCPlugin
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.data import Subset
 
 from clbench.modules.ptq import quantised_layers
 from clbench.modules.relaxed_quant import GRID
@@ -30,30 +30,38 @@ FORWARDS = ("latent", "relaxed", "hard")
 PARAMETRISED = ".parametrizations.weight.original"
 
 
-class StraightThroughRounding(nn.Module):
-    """The grid's rounding forward, the identity backward."""
+class GridForward(nn.Module):
+    """A parametrisation calling one of a grid's forwards."""
 
-    def __init__(self, grid: nn.Module):
+    def __init__(self, forward_on_grid):
         super().__init__()
-        self.grid = grid
+        self.forward_on_grid = forward_on_grid
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.grid.hard(weight) - weight).detach()
+        return self.forward_on_grid(weight)
 
 
 @contextmanager
 def forward_on(model: nn.Module, forward: str):
-    """The model's quantised layers compute with their weights as `forward` says."""
-    layers = [] if forward == "latent" else quantised_layers(model)
+    """The model's quantised layers compute with their weights as `forward` says (the
+    layers' own hooks, which pass the weights through the grid, set aside meanwhile)."""
+    layers = quantised_layers(model)
+    hooks = [(dict(layer._forward_pre_hooks), dict(layer._forward_hooks)) for layer in layers]
     for layer in layers:
-        grid = getattr(layer, GRID)
-        parametrize.register_parametrization(layer, "weight", grid if forward == "relaxed" else StraightThroughRounding(grid),
-                                             unsafe=True)
+        layer._forward_pre_hooks.clear()
+        layer._forward_hooks.clear()
+        if forward != "latent":
+            grid = getattr(layer, GRID)
+            parametrize.register_parametrization(
+                layer, "weight", GridForward(grid.relaxed if forward == "relaxed" else grid.straight_through), unsafe=True)
     try:
         yield
     finally:
-        for layer in layers:
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        for layer, (pre_hooks, post_hooks) in zip(layers, hooks):
+            if forward != "latent":
+                parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+            layer._forward_pre_hooks.update(pre_hooks)
+            layer._forward_hooks.update(post_hooks)
 
 
 def weight_importances(trainer, dataset, forward: str, batch_size: int) -> tuple[dict[str, torch.Tensor], float]:

@@ -212,22 +212,27 @@ def test_deployed_weights_take_at_most_2_to_the_bits_values_and_the_model_is_unt
 
 
 class CheckRelaxedForward(SupervisedPlugin):
-    """Placed after relaxed_quant's plugin: records the grids' initial scales and each
-    training forward pass's temperature, and checks that the weights are relaxed during
-    the pass only."""
+    """Placed after relaxed_quant's plugin: records the grids' initial scales, the parameters'
+    names and each training forward pass's temperature, and checks that the weights are
+    relaxed during each layer's pass only."""
 
     def __init__(self):
         super().__init__()
-        self.initial_scales, self.temperatures = [], []
+        self.initial_scales, self.temperatures, self.relaxed_passes = [], [], 0
 
     def before_training(self, strategy, **kwargs):
-        self.initial_scales = [getattr(layer, relaxed_quant.GRID).log_alpha.item()
-                               for layer in quantised_layers(strategy.model)]
+        layers = quantised_layers(strategy.model)
+        self.initial_scales = [getattr(layer, relaxed_quant.GRID).log_alpha.item() for layer in layers]
+        self.parameter_names = [name for name, _ in strategy.model.named_parameters()]
+        for layer in layers:
+            layer.register_forward_pre_hook(self.count_relaxed_pass)
+
+    def count_relaxed_pass(self, layer, args):
+        assert parametrize.is_parametrized(layer, "weight") and layer.training
+        self.relaxed_passes += 1
 
     def before_forward(self, strategy, **kwargs):
-        layers = quantised_layers(strategy.model)
-        assert all(parametrize.is_parametrized(layer, "weight") for layer in layers)
-        self.temperatures.append(getattr(layers[0], relaxed_quant.GRID).temperature)
+        self.temperatures.append(getattr(quantised_layers(strategy.model)[0], relaxed_quant.GRID).temperature)
 
     def before_backward(self, strategy, **kwargs):
         assert not any(parametrize.is_parametrized(layer) for layer in quantised_layers(strategy.model))
@@ -246,6 +251,9 @@ def test_relaxed_quant_trains_the_grids_with_the_strategys_optimiser(tiny_scenar
         assert (abs(grid.log_alpha.item() - initial_scale) > 1e-6) == (layer in trained)
     n = len(check.temperatures)
     assert n == batches and check.temperatures[0] == 1.0
+    assert check.relaxed_passes == n * len(quantised_layers(trainer.model.features)) + n  # and one head
+    # The parameters' order, by which online EWC matches one task's importances to the next's.
+    assert [name for name, _ in trainer.model.named_parameters()] == check.parameter_names
     assert check.temperatures[-1] == pytest.approx(0.1 ** ((n - 1) / n))
     assert all(a > b for a, b in zip(check.temperatures, check.temperatures[1:]))
 
@@ -262,11 +270,10 @@ def test_relaxed_quant_runs_on_naive_from_the_command_line(tiny_scenario, tmp_pa
     assert table["nonfinite_loss_iterations", 2] == 0
 
 
-def test_the_rq_fisher_script_recomputes_ewc_importances_on_latent_and_deployed_weights(tiny_scenario, tmp_path,
-                                                                                       capsys):
-    """On a two-task EWC run with relaxed_quant: the latent forward gives EWC's own
-    importances of the last task (mode separate keeps them apart); the hard forward, the
-    importances of the deployed network's weights."""
+def test_ewc_with_relaxed_quant_weighs_the_deployed_networks_importances(tiny_scenario, tmp_path, capsys):
+    """On a two-task EWC run with relaxed_quant, EWC's own importances of the last task (mode
+    separate keeps them apart) are those `scripts/rq_fisher.py` computes on the hard forward,
+    which are the deployed network's, and not the latent weights'."""
     from conftest import load_script
 
     from clbench import checkpoint
@@ -283,14 +290,14 @@ def test_the_rq_fisher_script_recomputes_ewc_importances_on_latent_and_deployed_
     latent, _ = script.weight_importances(trainer, dataset, "latent", cfg.batch_size)
     hard, _ = script.weight_importances(trainer, dataset, "hard", cfg.batch_size)
     ewc = next(p for p in trainer.plugins if hasattr(p, "importances")).importances[1]
-    assert latent.keys() == hard.keys() and len(latent) == len(quantised_layers(trainer.model))
-    for name, f in latent.items():
+    assert latent.keys() == hard.keys() and len(hard) == len(quantised_layers(trainer.model))
+    for name, f in hard.items():
         torch.testing.assert_close(f, ewc[name + ".weight"].data)
+    assert any(not torch.allclose(hard[name], latent[name]) for name in latent)
     with torch.no_grad():
         for layer in quantised_layers(trainer.model):
             layer.weight.copy_(getattr(layer, relaxed_quant.GRID).hard(layer.weight))
     deployed, _ = script.weight_importances(trainer, dataset, "latent", cfg.batch_size)
-    assert any(not torch.allclose(hard[name], latent[name]) for name in latent)
     for name, f in hard.items():
         torch.testing.assert_close(f, deployed[name])
     script.main([str(run_dir), "--examples", "50"])
