@@ -21,6 +21,8 @@ holds them).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from pathlib import Path
 
@@ -91,7 +93,9 @@ def load(folder: Path, scenario) -> dict | None:
     if not (folder / CHECKPOINT).exists():
         return None
     try:
-        with open(folder / CHECKPOINT, "rb") as file:
+        # Avalanche's unpickler of torch.device prints a line for each: kept off stdout,
+        # where the scripts that study a checkpoint print their tables.
+        with open(folder / CHECKPOINT, "rb") as file, contextlib.redirect_stdout(io.StringIO()):
             state = _Unpickler(file, scenario.splits).load()
     except Exception as error:  # noqa: BLE001 - any unreadable checkpoint (old code, damaged file)
         warnings.warn(f"unreadable checkpoint {folder / CHECKPOINT} ({type(error).__name__}: {error}); "

@@ -48,12 +48,20 @@ def test_a_run_killed_after_task_3_resumes_and_ends_as_if_never_killed(strategy,
     assert not (folder / CHECKPOINT).exists()  # removed once the run completed
 
 
-def test_a_checkpoint_refers_to_the_scenarios_data_instead_of_copying_it(tmp_path):
+def test_a_checkpoint_refers_to_the_scenarios_data_instead_of_copying_it(tmp_path, capsys):
+    """... and loads without printing (scripts print their tables on stdout)."""
+    from clbench import checkpoint
+    from clbench.runner import run_scenario
+
     config = RunConfig(strategy="replay", setting="class", width=4, batch_size=128, classes_per_task=5,
                        keep_checkpoints=True, results_dir=str(tmp_path))
     folder = run(config).run_dir
     train_images = 10_000 * 28 * 28 * 4  # split_mnist_mini's training set as float32, which the memory views
     assert (folder / CHECKPOINT).stat().st_size < train_images / 10
+    scenario = run_scenario(config)
+    capsys.readouterr()
+    assert checkpoint.load(folder, scenario) is not None
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("mode", ["online", "separate"])
