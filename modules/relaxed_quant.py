@@ -31,8 +31,8 @@ Choices where the paper is not followed or not known here:
   Fisher information, computed in eval mode) are the deployed network's: in eval mode the
   weights are rounded to the grid, gradients passed straight through to the latent
   weights. The latent float network is not what was trained (on Split CIFAR-10 its loss
-  was twice the deployed one's and its importances 16 times larger on average, which made
-  EWC diverge at lambda 10; `scripts/rq_fisher.py`).
+  was twice the deployed one's and its importances 16 times larger on average after task
+  1, which made EWC diverge at lambda 100 and, on one seed, 10; `scripts/rq_fisher.py`).
 - The grids are parameters of the model (a `relaxed_grid` module on each layer), added
   before the strategy's optimiser is built, so they train with the run's optimiser and
   are saved in checkpoints.
