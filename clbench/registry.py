@@ -190,6 +190,9 @@ class Module:
 
     name: ClassVar[str]
     Options: ClassVar[type[ModuleOptions]] = ModuleOptions
+    # Whether training reparametrises the layers' weights (torch.nn.utils.parametrize): two
+    # such modules would remove each other's parametrisations, so a run takes one at most.
+    reparametrises_weights: ClassVar[bool] = False
 
     def __init__(self, options: ModuleOptions):
         self.options = options
@@ -261,4 +264,8 @@ def build_modules(entries: list[str | dict[str, Any]]) -> list[Module]:
     recorded = [module.recorded() for module in modules]
     if any(recorded.count(entry) > 1 for entry in recorded):
         raise UserError("a module is given twice with the same options")
+    reparametrising = [module.name for module in modules if module.reparametrises_weights]
+    if len(reparametrising) > 1:
+        raise UserError(f"modules {' and '.join(reparametrising)} both reparametrise the layers' weights in training "
+                        "and cannot share a run: keep one")
     return modules

@@ -210,6 +210,7 @@ class LearnedThresholdPruning(Module):
     they freeze; not with hat, hat_tc or packnet."""
 
     name = "ltp"
+    reparametrises_weights = True
 
     class Options(ModuleOptions):
         temperature: float = Field(0.05, gt=0, description="T of the soft mask, in the layer's mean squared weights")

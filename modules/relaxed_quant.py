@@ -153,6 +153,7 @@ class RelaxedQuantisation(Module):
     the weights rounded to their grids."""
 
     name = "relaxed_quant"
+    reparametrises_weights = True
 
     class Options(ModuleOptions):
         bits: int = Field(4, ge=2, le=8, description="bit width of the weights (2-8)")

@@ -210,6 +210,9 @@ def test_module_syntax_on_the_command_line():
     (["--strategy", "hat", "--module", "relaxed_quant"], "relaxed_quant does not support ccgn and HAT"),
     (["--strategy", "ccgn", "--module", "relaxed_quant"], "relaxed_quant does not support ccgn and HAT"),
     (["--module", "ltp:temperature=0"], "invalid options for module 'ltp'"),
+    # Each would remove the other's parametrisation of the weights.
+    (["--module", "ltp", "--module", "relaxed_quant"], "modules ltp and relaxed_quant both reparametrise"),
+    (["--module", "ltp", "--module", "ltp:l0_weight=2"], "modules ltp and ltp both reparametrise"),
     (["--module", "ltp:target_sparsity=1"], "invalid options for module 'ltp'"),
     # Its thresholds would prune weights these strategies keep fixed for past tasks.
     (["--strategy", "hat", "--module", "ltp"], "ltp cannot run with hat, hat_tc or packnet"),
