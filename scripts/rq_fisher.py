@@ -70,7 +70,8 @@ def weight_importances(trainer, dataset, forward: str, batch_size: int) -> tuple
     plugin = next((p for p in trainer.plugins if isinstance(p, EWCPlugin)), None)
     if plugin is None:
         raise SystemExit("the checkpoint is not an EWC run's")
-    layers = [name for name, module in model.named_modules() if module in quantised_layers(model)]
+    quantised = {id(layer) for layer in quantised_layers(model)}
+    layers = [name for name, module in model.named_modules() if id(module) in quantised]
     if not all(hasattr(model.get_submodule(name), GRID) for name in layers):
         raise SystemExit("the checkpoint's layers have no relaxed-quantisation grid: not a relaxed_quant run")
     losses = []
