@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -317,14 +317,17 @@ class TaskPathNet(MultiTaskModule):
         parameters, so there the masked layers run."""
         return self.compact_inference and not self.training and not torch.is_grad_enabled()
 
-    def compact_path(self, task: int) -> CompactPath:
-        """Task `task`'s compact path, rebuilt whenever a tensor it was cut from has changed."""
-        from clbench.compact import CompactPath  # built on this module's classes
+    def compact_paths(self, tasks: Iterable[int]) -> list[CompactPath]:
+        """The tasks' compact paths, each rebuilt whenever a tensor it was cut from has
+        changed; the kernels, which every path is cut from, are checked once for all."""
+        from clbench.compact import CompactPath, kernel_state  # built on this module's classes
 
-        path = self._compact_paths.get(task)
-        if path is None or not path.is_current():
-            path = self._compact_paths[task] = CompactPath(self, task)
-        return path
+        kernels = kernel_state(self)
+        for task in tasks:
+            path = self._compact_paths.get(task)
+            if path is None or not path.is_current(kernels):
+                self._compact_paths[task] = CompactPath(self, task)
+        return [self._compact_paths[task] for task in tasks]
 
     def __getstate__(self) -> dict:
         """Checkpoints and copies leave out the compact paths, which are rebuilt on use."""
@@ -334,7 +337,7 @@ class TaskPathNet(MultiTaskModule):
         """Logits of one task's path and head, and the MACs each sample executed: the
         compact path where `runs_compact()`, else the masked one."""
         if self.runs_compact():
-            return self.compact_path(task)(x)
+            return self.compact_paths([task])[0](x)
         logits, trace = self.forward_path(x, task)
         return logits, trace.macs
 
@@ -366,7 +369,7 @@ class TaskPathNet(MultiTaskModule):
         if self.runs_compact():
             from clbench.compact import run_learned_paths
 
-            return run_learned_paths([self.compact_path(task) for task in tasks], x, self.classifier_reads_stages)
+            return run_learned_paths(self.compact_paths(tasks), x, self.classifier_reads_stages)
         read, logits, macs = [], [], 0
         for task in tasks:
             trace = PathTrace()

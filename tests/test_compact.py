@@ -159,9 +159,53 @@ def test_a_compact_path_is_rebuilt_whenever_what_it_was_cut_from_changes(strateg
         assert torch.allclose(after, masked, atol=1e-5), f"after change {index}"
         before = after
     with torch.no_grad():
-        after, _ = model.double().compact_path(0)(x.double())
+        after, _ = model.double().compact_paths([0])[0](x.double())
         masked, _ = model.forward_path(x.double(), 0)
     assert after.dtype == torch.float64 and torch.allclose(after, masked, atol=1e-5)
+
+
+def test_a_compact_path_is_rebuilt_when_a_tensor_a_weight_is_computed_from_changes():
+    """ltp computes each weight from the raw weight and a learned threshold: a step of the
+    threshold alone changes the weights the paths are cut from."""
+    from clbench.modules.ltp import attach, thresholds
+
+    model = learned_model("ccgn", "small_cnn", "task")
+    attach(model, threshold=0.0, temperature=0.05)
+    x, tasks = inputs()
+    before, _ = compact_and_masked(model, x, tasks)[0]
+    with torch.no_grad():
+        for _, soft in thresholds(model):
+            soft.threshold.add_(0.5)
+    (after, _), (masked, _) = compact_and_masked(model, x, tasks)
+    assert not torch.allclose(after, before, atol=1e-3)
+    assert torch.allclose(after, masked, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ccgn", "hat"])
+def test_in_the_class_setting_a_changed_kernel_rebuilds_every_path_and_a_changed_mask_its_own(strategy):
+    """The kernels every path is cut from are checked once per pass for all paths: a
+    change there must still reach each of them, and a change of one task's mask that
+    task's path (with ccgn only that one; HAT holds every task's embedding in one tensor)."""
+    model = learned_model(strategy, "small_cnn", "class")
+    x, tasks = inputs()
+    compact_and_masked(model, x, tasks)
+    paths = dict(model._compact_paths)
+    layer = model.path_layers[0]
+    with torch.no_grad():
+        if strategy == "ccgn":
+            layer.gates[1][0].weight.mul_(2)
+        else:
+            layer.embedding.weight[1].neg_()
+    (out, _), (masked, _) = compact_and_masked(model, x, tasks)
+    assert torch.allclose(out, masked, atol=1e-5)
+    assert model._compact_paths[1] is not paths[1]
+    assert (model._compact_paths[0] is paths[0]) == (strategy == "ccgn")
+    paths = dict(model._compact_paths)
+    with torch.no_grad():
+        model.path_layers[1].layer.weight.mul_(1.5)
+    (out, _), (masked, _) = compact_and_masked(model, x, tasks)
+    assert torch.allclose(out, masked, atol=1e-5)
+    assert all(model._compact_paths[task] is not paths[task] for task in (0, 1))
 
 
 def test_training_and_gradients_use_the_masked_layers():
