@@ -12,13 +12,13 @@ Usage: python benchmarks/channel_counts.py [--threads 1] [--tiny]
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from clbench.benchmarking import interleaved_times, machine_columns, torch_threads, write_csv
+from clbench.benchmarking import (best_and_median_ms, interleaved_times, machine_columns, machine_line, torch_threads,
+                                  write_csv)
 
 RESULTS = Path(__file__).parent / "results" / "channel_counts.csv"
 COLUMNS = ["operation", "in_channels", "size", "out_channels", "best_ms", "median_ms", "rounds", "repeats", "machine",
@@ -54,14 +54,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             times = interleaved_times(calls, rounds, repeats)
             for n, measured in times.items():
                 rows.append({"operation": kind, "in_channels": in_channels, "size": size, "out_channels": n,
-                             "best_ms": round(1e3 * min(measured), 3),
-                             "median_ms": round(1e3 * statistics.median(measured), 3),
+                             **best_and_median_ms(measured),
                              "rounds": rounds, "repeats": repeats, **machine})
     for row in rows:
         print(f"{row['operation']:<8} in {row['in_channels'] or '':>3} {row['size']:>2}x{row['size']:<2} "
               f"out {row['out_channels']:>2}: {row['best_ms']:7.3f} ms best, {row['median_ms']:7.3f} median")
-    print(f"machine: {machine['machine']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "
-          f"torch {machine['torch']}")
+    print(machine_line(machine))
     write_csv(rows, COLUMNS, args.output)
     return rows
 

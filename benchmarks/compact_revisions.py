@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from clbench import compact
-from clbench.benchmarking import gated_networks, interleaved_times, machine_columns, torch_threads, write_csv
+from clbench.benchmarking import (gated_networks, interleaved_times, machine_columns, machine_line, torch_threads,
+                                  write_csv)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "compact_revisions.csv"
@@ -118,8 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{row['backbone']:<9} {row['width']:>2} {row['gates']:<7} {row['setting']:<5} batch {row['batch']:>2}: "
               f"{row['best_ms_against']:8.3f} ms at {commit[:7]}, {row['best_ms_here']:8.3f} here, "
               f"ratio {row['ratio_best']:.3f}")
-    print(f"machine: {machine['machine']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "
-          f"torch {machine['torch']}")
+    print(machine_line(machine))
     write_csv(rows, COLUMNS, args.output)
     return rows
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from clbench.benchmarking import interleaved_times, machine_columns, torch_threads, write_csv
+from clbench.benchmarking import (best_and_median_ms, interleaved_times, machine_columns, machine_line, torch_threads,
+                                  write_csv)
 from clbench.path_network import FreezableBatchNorm2d
 
 RESULTS = Path(__file__).parent / "results" / "freezable_batch_norm.csv"
@@ -88,16 +88,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                            for name, forward in forwards.items()}, rounds, repeats)
                 for name, measured in times.items():
                     rows.append({"channels": channels, "size": size, "frozen_share": share, "variant": name,
-                                 "best_ms": round(1e3 * min(measured), 3),
-                                 "median_ms": round(1e3 * statistics.median(measured), 3),
+                                 **best_and_median_ms(measured),
                                  "ratio_to_clbench_best": round(min(measured) / min(times["clbench"]), 2),
                                  **differences, "rounds": rounds, "repeats": repeats, **machine})
     for row in rows:
         print(f"{row['channels']:>3} ch {row['size']:>2}x{row['size']:<2} frozen {row['frozen_share']:.2f} "
               f"{row['variant']:<11}: {row['best_ms']:7.3f} ms best, {row['median_ms']:7.3f} median, "
               f"{row['ratio_to_clbench_best']:.2f}x clbench's")
-    print(f"machine: {machine['machine']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "
-          f"torch {machine['torch']}")
+    print(machine_line(machine))
     write_csv(rows, COLUMNS, args.output)
     return rows
 

@@ -4,7 +4,9 @@ compact paths of `clbench.compact` (only the kernels a task may open, padded wit
 ones to a multiple of `CHANNEL_MULTIPLE`); and the same without the padding
 (`compact_unpadded`). Task setting (a batch of one task, through its path) and class
 setting (every learned task's path and the task classifier), batch 1 and 64, small CNN
-(Split MNIST's input) and a reduced-width ResNet-18 (CIFAR's input).
+(Split MNIST's input) and a reduced-width ResNet-18 (CIFAR's input). In the class setting
+also the dense backbone run once per learned task (`dense_every_path`), what running
+every path densely would cost.
 
 Two kinds of gates (column `gates`). `trained`: the small CNN as ccgn learns it, trained
 by `clbench run` on the embedded Split MNIST (`--trained-on`, 1 epoch per task, seed 0,
@@ -31,14 +33,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 from pathlib import Path
 from unittest import mock
 
 import torch
 
 from clbench import compact
-from clbench.benchmarking import gated_networks, interleaved_times, machine_columns, torch_threads, write_csv
+from clbench.benchmarking import (best_and_median_ms, gated_networks, interleaved_times, machine_columns, machine_line,
+                                  torch_threads, write_csv)
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
 from clbench.runner import dense_macs
@@ -92,8 +94,12 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
             "masked": masked, "compact": lambda: gated.forward_with_macs(x, t),
             "compact_unpadded": lambda: unpadded.forward_with_macs(x, t)}
     executed = gated.forward_with_macs(x, t)[1].float().mean().item()
-    return runs, {"dense": dense_macs(dense, x[:1], t[:1]), "masked": executed, "compact": executed,
-                  "compact_unpadded": executed}
+    macs = {"dense": dense_macs(dense, x[:1], t[:1]), "masked": executed, "compact": executed,
+            "compact_unpadded": executed}
+    if spec.setting == "class":  # what the gated network must beat there: every learned path run densely
+        runs["dense_every_path"] = lambda: [dense(x) for _ in range(gated.tasks_learned)]
+        macs["dense_every_path"] = gated.tasks_learned * macs["dense"]
+    return runs, macs
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -121,8 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     times = interleaved_times(runs, rounds, repeats)
                 for name, measured in times.items():
                     rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
-                                 "batch": batch, "execution": name, "best_ms": round(1e3 * min(measured), 3),
-                                 "median_ms": round(1e3 * statistics.median(measured), 3),
+                                 "batch": batch, "execution": name, **best_and_median_ms(measured),
                                  "macs_per_sample": round(macs[name]),
                                  "speedup_measured": round(min(times["dense"]) / min(measured), 2),
                                  "speedup_macs": round(macs["dense"] / macs[name], 2),
@@ -141,8 +146,7 @@ def print_table(rows: list[dict]) -> None:
         print(f"{row['backbone']:<9} {row['width']:>5} {row['gates']:<7} {row['setting']:<7} {row['batch']:>5} "
               f"{row['execution']:<16} {row['best_ms']:>9.3f} {row['median_ms']:>9.3f} {row['macs_per_sample']:>12} "
               f"{row['speedup_measured']:>17.2f} {row['speedup_macs']:>8.2f} {row['speedup_kept_macs']:>12.2f}")
-    print(f"machine: {rows[0]['machine']}, {rows[0]['cores']} cores, torch threads {rows[0]['torch_threads']}, "
-          f"torch {rows[0]['torch']}")
+    print(machine_line(rows[0]))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -113,6 +114,17 @@ def interleaved_times(calls: dict[str, Callable[[], object]], rounds: int, repea
                 call()
             times[name].append((time.perf_counter() - start) / repeats)
     return times
+
+
+def best_and_median_ms(measured: list[float]) -> dict:
+    """The best and the median of a variant's seconds per call, in milliseconds."""
+    return {"best_ms": round(1e3 * min(measured), 3), "median_ms": round(1e3 * statistics.median(measured), 3)}
+
+
+def machine_line(machine: dict) -> str:
+    """`machine_columns()` as the last line of a benchmark's table."""
+    return (f"machine: {machine['machine']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "
+            f"torch {machine['torch']}")
 
 
 def write_csv(rows: list[dict], columns: list[str], path: Path) -> None:

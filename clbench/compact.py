@@ -322,6 +322,10 @@ class CompactPath:
         kernels = [m for layer in model.path_layers for m in layer.kernel_modules()]
         self.storage = [t.detach() for t in tensors_of(kernels + self.own_sources)]
         self.backbone = COMPACT_BACKBONES[type(model.backbone)](model.backbone, task)
+        # With `TaskPathNet.compile_compact`, torch.compile fuses the path's many small
+        # operations (the gates', the mask multiplications) into fewer kernels, on its
+        # first pass at each batch size (seconds to minutes; a C++ compiler on CPU).
+        self.run_backbone = torch.compile(self.backbone.__call__) if model.compile_compact else self.backbone
         self.head = head.weight.detach()[:, self.backbone.kept], head.bias.detach()
         self.head_macs = head.in_features * head.out_features
         self.out_features = model.backbone.out_features
@@ -334,7 +338,7 @@ class CompactPath:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and MACs per sample."""
-        features, macs = self.backbone(x)
+        features, macs = self.run_backbone(x)
         return F.linear(features, *self.head), macs + self.head_macs
 
     def features_and_logits(self, x: torch.Tensor, stages: bool = False,
@@ -343,7 +347,7 @@ class CompactPath:
         stage's output averaged over positions (`PathTrace.stages`); logits and MACs per
         sample. With `first`, the first layer's output comes from there."""
         pooled = [] if stages else None
-        features, macs = self.backbone(x, pooled, first)
+        features, macs = self.run_backbone(x, pooled, first)
         logits = F.linear(features, *self.head)
         read = torch.cat(pooled, 1) if stages else widen(features, self.backbone.kept, self.out_features)
         return read, logits, macs + self.head_macs

@@ -272,6 +272,7 @@ class TaskPathNet(MultiTaskModule):
     """
 
     compact_inference = True  # False: the masked layers at test too (a benchmark's baseline)
+    compile_compact = False  # True: compact paths compiled by torch.compile (`clbench.compact.CompactPath`)
     normalise_task_features = False  # set by the strategy's classifier_input
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec, classifier_layers: str = "last"):

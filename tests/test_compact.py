@@ -4,6 +4,7 @@ layers; and the benchmark that times it."""
 
 import copy
 import pickle
+import shutil
 
 import pandas as pd
 import pytest
@@ -269,7 +270,9 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
     benchmark.main(["--tiny", "--threads", "1", "--output", str(output), "--trained-on", tiny_scenario])
     table = pd.read_csv(output)
     assert list(table.columns) == benchmark.COLUMNS
-    assert set(table.execution) == {"dense", "masked", "compact", "compact_unpadded"}
+    executions = {"dense", "masked", "compact", "compact_unpadded"}
+    assert set(table.query("setting == 'task'").execution) == executions
+    assert set(table.query("setting == 'class'").execution) == executions | {"dense_every_path"}
     assert set(table.setting) == {"task", "class"} and set(table.backbone) == {"small_cnn", "resnet18"}
     assert set(table.query("backbone == 'small_cnn'").gates) == {"trained", "random"}
     # A trained task's path runs fewer MACs than the dense network.
@@ -315,3 +318,32 @@ def test_the_agreement_script_finds_where_compact_and_masked_predictions_differ(
     conv = compact.CompactConv.__call__
     monkeypatch.setattr(compact.CompactConv, "__call__", lambda self, x: -conv(self, x))
     assert sum(int(row[4]) for row in rows()) > 0
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler on CPU")
+def test_compiled_compact_paths_compute_what_the_eager_ones_do():
+    """`compile_compact` only fuses operations: the same outputs within float tolerance
+    and the same MACs, through a path torch.compile built."""
+    x, _ = inputs()
+    tasks = torch.zeros(len(x), dtype=torch.long)  # one path: one compilation
+    eager, fused = learned_model("ccgn", "small_cnn", "task"), learned_model("ccgn", "small_cnn", "task")
+    fused.compile_compact = True
+    with torch.no_grad():
+        (out, macs), (fused_out, fused_macs) = eager.forward_with_macs(x, tasks), fused.forward_with_macs(x, tasks)
+    assert torch.allclose(out, fused_out, atol=1e-5) and torch.equal(macs, fused_macs)
+    assert fused._compact_paths[0].run_backbone is not fused._compact_paths[0].backbone
+    assert eager._compact_paths[0].run_backbone is eager._compact_paths[0].backbone
+
+
+def test_compiled_paths_benchmark_writes_its_table(tmp_path, monkeypatch, capsys):
+    """The benchmark's rows and checks, with torch.compile left out (it takes minutes;
+    the test above compiles)."""
+    monkeypatch.setattr(torch, "compile", lambda function, **options: function)
+    benchmark = load_script("benchmarks", "compiled_paths")
+    output = tmp_path / "compiled_paths.csv"
+    benchmark.main(["--tiny", "--threads", "1", "--output", str(output)])
+    table = pd.read_csv(output)
+    assert list(table.columns) == benchmark.COLUMNS
+    assert set(table.execution) == {"dense", "dense_compiled", "compact", "compact_compiled"}
+    assert len(table) == 2 * 2 * 4 and (table.best_ms <= table.median_ms).all()
+    assert "speed-up over dense" in capsys.readouterr().out
