@@ -160,14 +160,17 @@ def git_commit() -> str | None:
     return f"{commit}{'+dirty' if dirty else ''}" if commit else None
 
 
-def environment(cfg: RunConfig, started: float, scenario) -> dict:
+def environment(cfg: RunConfig, started: float, commit: str | None, scenario) -> dict:
+    """What the run ran on; `commit`, the checkout's when the run started (a run that
+    takes an hour outlives commits made meanwhile; a resumed run may have continued under a
+    later one)."""
     return {
         "seed": cfg.seed,
         "device": cfg.device,
         "data_source": scenario.source,
         "data_fingerprint": scenario.data_fingerprint,
         "command": sys.argv,
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -191,7 +194,7 @@ def matrix_file(key: str) -> str:
 
 def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.ndarray],
               before_training: dict[str, np.ndarray], costs: dict, artifacts: dict[str, pd.DataFrame],
-              started: float, measures: list[dict[str, float]] = ()) -> None:
+              started: float, commit: str | None, measures: list[dict[str, float]] = ()) -> None:
     """The run's files. `matrices` and `before_training` hold the model's evaluation and
     each module variant's under '<key>@<variant>', whose metrics are named
     '<metric>@<variant>'; `measures` holds the variants' own measures after each task."""
@@ -216,7 +219,7 @@ def write_run(run_dir: Path, cfg: RunConfig, scenario, matrices: dict[str, np.nd
         + [(name, step + 1, None, value) for step, values in enumerate(measures) for name, value in values.items()],
         columns=["metric", "step", "task", "value"]).astype({"task": "Int64"}))
     atomic_write(run_dir / "metrics.csv", lambda p: pd.concat(tables, ignore_index=True).to_csv(p, index=False))
-    write_text(run_dir / "environment.json", json.dumps(environment(cfg, started, scenario), indent=2))
+    write_text(run_dir / "environment.json", json.dumps(environment(cfg, started, commit, scenario), indent=2))
     title = f"{cfg.strategy} on {cfg.scenario} (data {scenario.data_fingerprint}), {cfg.setting}-incremental, seed {cfg.seed}"
     atomic_write(run_dir / "accuracy_matrix.png", lambda p: plots.accuracy_heatmap(matrices["accuracy"], scenario.task_classes, title, p))
     atomic_write(run_dir / "task_accuracy.png", lambda p: plots.task_accuracy_curves(matrices["accuracy"], title, p))

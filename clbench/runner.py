@@ -315,8 +315,8 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
         trainer, state = resumed["trainer"], resumed["progress"]
         print(f"resuming {folder} after task {len(state['after_each_task'])}", file=sys.stderr)
     else:
-        state = {"started": started, "before_training": evaluate_all(model, 0), "after_each_task": [],
-                 "train_times": [], "eval_times": []}
+        state = {"started": started, "git_commit": results.git_commit(), "before_training": evaluate_all(model, 0),
+                 "after_each_task": [], "train_times": [], "eval_times": []}
         trainer = strategy.make_trainer(model, setup)
     before_training, after_each_task = state["before_training"], state["after_each_task"]
     train_times, eval_times = state["train_times"], state["eval_times"]
@@ -354,6 +354,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
                "parameters": parameter_count(trainer.model), "model_size_bytes": model_size_bytes(trainer.model)},
         artifacts=artifacts,
         started=state["started"],
+        commit=state.get("git_commit") or results.git_commit(),  # checkpoints before session 15 lack it
     )
     if "gate_usage" in artifacts:  # mean over classes, per layer and task's path
         for (task, layer), rate in artifacts["gate_usage"].groupby(["task", "layer"]).firing_rate.mean().items():

@@ -25,6 +25,13 @@ def test_interrupted_run_is_listed_apart_and_replaced(tiny_scenario, tmp_path):
     assert not (interrupted / "metrics.csv").exists()
 
 
+def test_a_run_records_the_commit_it_started_under_not_one_made_while_it_ran(tiny_scenario, tmp_path, monkeypatch):
+    commits = iter(["started-under", "committed-meanwhile"])
+    monkeypatch.setattr(results, "git_commit", lambda: next(commits, "committed-meanwhile"))
+    run_dir = run(RunConfig(scenario=tiny_scenario, results_dir=str(tmp_path))).run_dir
+    assert json.loads((run_dir / "environment.json").read_text())["git_commit"] == "started-under"
+
+
 def test_atomic_write_leaves_no_partial_file(tmp_path):
     target = tmp_path / "table.csv"
 
