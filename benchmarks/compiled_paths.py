@@ -1,7 +1,9 @@
 """What fusing a compact path's small operations buys. ccgn's network with random gates
 (`clbench.benchmarking.random_gated_model`: 5 tasks, each allowed a random quarter of
-every layer's kernels), the small CNN of width 32 or ResNet-18 of width 16, task and class
-settings, batch 1 and 64, timed four ways: the dense network and the compact paths
+every layer's kernels, on random inputs), the small CNN of width 32 or ResNet-18 of width
+16, or with `--trained-on SCENARIO` the small CNN as ccgn learns it there
+(`trained_gated_model`, on its first task's test images), task and class settings, batch
+1 and 64, timed four ways: the dense network and the compact paths
 (`clbench.compact`), each run by PyTorch operation by operation and compiled by
 torch.compile (`TaskPathNet.compile_compact`; on CPU its inductor backend fuses the gates'
 small operations and the mask multiplications into generated C++ kernels). The first
@@ -9,34 +11,45 @@ pass of each compiles (its seconds are reported), then the four alternate as in
 gated_inference.py. The compiled paths must give the eager paths' MACs and outputs within
 float tolerance (checked; otherwise an error, not a row).
 
-Usage: python benchmarks/compiled_paths.py [--threads 1] [--backbone resnet18] [--tiny]
+Usage: python benchmarks/compiled_paths.py [--threads 1] [--backbone resnet18 | --trained-on SCENARIO] [--tiny]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from clbench.benchmarking import (RANDOM_GATED_TASKS, best_and_median_ms, interleaved_times, machine_columns,
-                                  machine_line, random_gated_model, torch_threads, write_csv)
+                                  machine_line, random_gated_model, torch_threads, trained_gated_model, write_csv)
 from clbench.models import ModelSpec, build_model
+from clbench.path_network import TaskPathNet
 
 RESULTS = Path(__file__).parent / "results" / "compiled_paths.csv"
-COLUMNS = ["backbone", "width", "setting", "batch", "execution", "best_ms", "median_ms", "speedup_vs_dense",
+COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "speedup_vs_dense",
            "first_pass_s", "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche",
            "clbench_commit"]
 INPUTS = {"small_cnn": (1, 28, 28), "resnet18": (3, 32, 32)}
 
 
-def executions(spec: ModelSpec, x: torch.Tensor, t: torch.Tensor) -> dict:
-    """The four ways to run a batch of task 0 (task setting) or of unknown task (class)."""
+def gated_network(backbone: str, width: int, setting: str, trained_on: str | None):
+    """The gated network, its spec and 64 inputs: random gates, or trained on `trained_on`."""
+    if trained_on:
+        with tempfile.TemporaryDirectory() as folder:
+            return trained_gated_model(trained_on, setting, width, folder)
+    spec = ModelSpec(backbone, width, INPUTS[backbone], setting, [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)])
     torch.manual_seed(0)
-    gated, dense = random_gated_model(spec), build_model(spec).eval()
-    fused, dense_compiled = copy.deepcopy(gated), torch.compile(dense)
+    return random_gated_model(spec), spec, torch.randn(64, *INPUTS[backbone])
+
+
+def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Tensor) -> dict:
+    """The four ways to run a batch of task 0 (task setting) or of unknown task (class)."""
+    dense, fused = build_model(spec).eval(), copy.deepcopy(gated)
+    dense_compiled = torch.compile(dense)
     fused.compile_compact = True
     run_dense = (lambda m: m(x, t)) if spec.setting == "task" else (lambda m: m(x))
     return {"dense": lambda: run_dense(dense), "dense_compiled": lambda: run_dense(dense_compiled),
@@ -46,24 +59,27 @@ def executions(spec: ModelSpec, x: torch.Tensor, t: torch.Tensor) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", choices=sorted(INPUTS), default="small_cnn")
+    parser.add_argument("--trained-on", metavar="SCENARIO", help="ccgn's small CNN trained there, not random gates")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=20, help="passes per round at batch 1 (a tenth at 64)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
     parser.add_argument("--tiny", action="store_true", help="width 4, batch 1 and 4, 2 rounds of 1 pass")
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     args = parser.parse_args(argv)
+    if args.trained_on and args.backbone != "small_cnn":
+        parser.error("--trained-on trains ccgn's small CNN: leave out --backbone")
     width = 4 if args.tiny else {"small_cnn": 32, "resnet18": 16}[args.backbone]
     rounds = 2 if args.tiny else args.rounds
     rows = []
     with torch_threads(args.threads), torch.no_grad():
         machine = machine_columns()
         for setting in ("task", "class"):
-            spec = ModelSpec(args.backbone, width, INPUTS[args.backbone], setting,
-                             [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)])
+            with torch.enable_grad():  # trained gates are trained first
+                gated, spec, images = gated_network(args.backbone, width, setting, args.trained_on)
             for batch in (1, 4) if args.tiny else (1, 64):
                 torch._dynamo.reset()  # earlier networks' compiled code would count towards the recompile limit
-                x, t = torch.randn(batch, *INPUTS[args.backbone]), torch.zeros(batch, dtype=torch.long)
-                runs, first_pass = executions(spec, x, t), {}
+                x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
+                runs, first_pass = executions(spec, gated, x, t), {}
                 for name, call in runs.items():
                     start = time.perf_counter()
                     call()
@@ -75,13 +91,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 repeats = 1 if args.tiny else max(1, args.repeats // (10 if batch > 1 else 1))
                 times = interleaved_times(runs, rounds, repeats)
                 for name, measured in times.items():
-                    rows.append({"backbone": args.backbone, "width": width, "setting": setting, "batch": batch,
+                    rows.append({"backbone": args.backbone, "width": width,
+                                 "gates": "trained" if args.trained_on else "random", "setting": setting, "batch": batch,
                                  "execution": name, **best_and_median_ms(measured),
                                  "speedup_vs_dense": round(min(times["dense"]) / min(measured), 2),
                                  "first_pass_s": round(first_pass[name], 2), "rounds": rounds, "repeats": repeats,
                                  **machine})
     for row in rows:
-        print(f"{row['backbone']:<9} {row['setting']:<5} batch {row['batch']:>2} {row['execution']:<16} "
+        print(f"{row['backbone']:<9} {row['gates']:<7} {row['setting']:<5} batch {row['batch']:>2} {row['execution']:<16} "
               f"best {row['best_ms']:9.3f} ms, median {row['median_ms']:9.3f}, "
               f"speed-up over dense {row['speedup_vs_dense']:5.2f}, first pass {row['first_pass_s']:6.2f} s")
     print(machine_line(machine))

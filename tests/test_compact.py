@@ -335,15 +335,17 @@ def test_compiled_compact_paths_compute_what_the_eager_ones_do():
     assert eager._compact_paths[0].run_backbone is eager._compact_paths[0].backbone
 
 
-def test_compiled_paths_benchmark_writes_its_table(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("gates", ["random", "trained"])
+def test_compiled_paths_benchmark_writes_its_table(gates, tiny_scenario, tmp_path, monkeypatch, capsys):
     """The benchmark's rows and checks, with torch.compile left out (it takes minutes;
     the test above compiles)."""
     monkeypatch.setattr(torch, "compile", lambda function, **options: function)
     benchmark = load_script("benchmarks", "compiled_paths")
     output = tmp_path / "compiled_paths.csv"
-    benchmark.main(["--tiny", "--threads", "1", "--output", str(output)])
+    benchmark.main(["--tiny", "--threads", "1", "--output", str(output)]
+                   + (["--trained-on", tiny_scenario] if gates == "trained" else []))
     table = pd.read_csv(output)
     assert list(table.columns) == benchmark.COLUMNS
     assert set(table.execution) == {"dense", "dense_compiled", "compact", "compact_compiled"}
-    assert len(table) == 2 * 2 * 4 and (table.best_ms <= table.median_ms).all()
+    assert len(table) == 2 * 2 * 4 and (table.best_ms <= table.median_ms).all() and set(table.gates) == {gates}
     assert "speed-up over dense" in capsys.readouterr().out
