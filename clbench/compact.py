@@ -29,7 +29,6 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from clbench.models import channels_last
 from clbench.path_network import PathBasicBlock, PathLayer, PathResNet18, PathSmallCNN, TaskPathNet
@@ -305,21 +304,27 @@ def tensor_state(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
     return [(t._version, t.data_ptr()) for t in tensors]
 
 
+def kernel_modules(model: TaskPathNet) -> list[nn.Module]:
+    """The masked layers' kernels (and batch norms), which every task's path is cut from."""
+    return [m for layer in model.path_layers for m in layer.kernel_modules()]
+
+
 def kernel_state(model: TaskPathNet) -> list[tuple[int, int]]:
-    """`tensor_state` of the masked layers' kernels, which every task's path is cut from."""
-    return tensor_state(tensors_of([m for layer in model.path_layers for m in layer.kernel_modules()]))
+    return tensor_state(tensors_of(kernel_modules(model)))
 
 
 class CompactPath:
     """One task's compact path and head, the head's inputs cut to the features the path
-    keeps; `is_current()` tells whether it still matches the network it was cut from."""
+    keeps; `is_current(kernel_state(model))` tells whether it still matches the network it
+    was cut from."""
 
     def __init__(self, model: TaskPathNet, task: int):
         head = model.heads[task]
         self.own_sources = [m for layer in model.path_layers for m in layer.mask_modules(task)] + [head]
-        self.kernel_state, self.own_state = kernel_state(model), tensor_state(tensors_of(self.own_sources))
+        kernels = kernel_modules(model)
+        self.kernel_state = tensor_state(tensors_of(kernels))
+        self.own_state = tensor_state(tensors_of(self.own_sources))
         # Held, so that no tensor made later can take these storage addresses.
-        kernels = [m for layer in model.path_layers for m in layer.kernel_modules()]
         self.storage = [t.detach() for t in tensors_of(kernels + self.own_sources)]
         self.backbone = COMPACT_BACKBONES[type(model.backbone)](model.backbone, task)
         # With `TaskPathNet.compile_compact`, torch.compile fuses the path's many small
