@@ -290,8 +290,8 @@ COMPACT_BACKBONES = {PathSmallCNN: CompactSmallCNN, PathResNet18: CompactResNet1
 def tensors_of(modules: list[nn.Module]) -> list[torch.Tensor]:
     """The modules' own tensors, and where a tensor is parametrised (ltp's soft
     thresholds), every tensor it is computed from. (A module is parametrised where it holds
-    `parametrizations`, `parametrize.is_parametrized`'s test without its attribute lookup,
-    which fails on every other module, slowly: three quarters of the time of this function.)"""
+    `parametrizations`: `parametrize.is_parametrized`'s test without its attribute lookup,
+    which fails, slowly, on every module that is not.)"""
     own = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
     computed_from = [t for m in modules if "parametrizations" in m._modules
                      for t in (*m.parametrizations.parameters(), *m.parametrizations.buffers())]
