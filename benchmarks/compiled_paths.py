@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from clbench.benchmarking import (RANDOM_GATED_TASKS, best_and_median_ms, interleaved_times, machine_columns,
-                                  machine_line, random_gated_model, torch_threads, trained_gated_model, write_csv)
+from clbench.benchmarking import (GATED_BACKBONES, TINY_WIDTH, best_and_median_ms, gated_network, interleaved_times,
+                                  machine_columns, machine_line, torch_threads, write_csv)
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
 
@@ -33,17 +32,6 @@ RESULTS = Path(__file__).parent / "results" / "compiled_paths.csv"
 COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "speedup_vs_dense",
            "first_pass_s", "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche",
            "clbench_commit"]
-INPUTS = {"small_cnn": (1, 28, 28), "resnet18": (3, 32, 32)}
-
-
-def gated_network(backbone: str, width: int, setting: str, trained_on: str | None):
-    """The gated network, its spec and 64 inputs: random gates, or trained on `trained_on`."""
-    if trained_on:
-        with tempfile.TemporaryDirectory() as folder:
-            return trained_gated_model(trained_on, setting, width, folder)
-    spec = ModelSpec(backbone, width, INPUTS[backbone], setting, [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)])
-    torch.manual_seed(0)
-    return random_gated_model(spec), spec, torch.randn(64, *INPUTS[backbone])
 
 
 def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Tensor) -> dict:
@@ -58,7 +46,7 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", choices=sorted(INPUTS), default="small_cnn")
+    parser.add_argument("--backbone", choices=sorted(GATED_BACKBONES), default="small_cnn")
     parser.add_argument("--trained-on", metavar="SCENARIO", help="ccgn's small CNN trained there, not random gates")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=20, help="passes per round at batch 1 (a tenth at 64)")
@@ -68,14 +56,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.trained_on and args.backbone != "small_cnn":
         parser.error("--trained-on trains ccgn's small CNN: leave out --backbone")
-    width = 4 if args.tiny else {"small_cnn": 32, "resnet18": 16}[args.backbone]
+    width = TINY_WIDTH if args.tiny else GATED_BACKBONES[args.backbone][0]
+    gates = "trained" if args.trained_on else "random"
     rounds = 2 if args.tiny else args.rounds
     rows = []
     with torch_threads(args.threads), torch.no_grad():
         machine = machine_columns()
         for setting in ("task", "class"):
             with torch.enable_grad():  # trained gates are trained first
-                gated, spec, images = gated_network(args.backbone, width, setting, args.trained_on)
+                spec, gated, images = gated_network(args.backbone, width, gates, setting, args.trained_on)
             for batch in (1, 4) if args.tiny else (1, 64):
                 torch._dynamo.reset()  # earlier networks' compiled code would count towards the recompile limit
                 x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
@@ -92,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 times = interleaved_times(runs, rounds, repeats)
                 for name, measured in times.items():
                     rows.append({"backbone": args.backbone, "width": width,
-                                 "gates": "trained" if args.trained_on else "random", "setting": setting, "batch": batch,
+                                 "gates": gates, "setting": setting, "batch": batch,
                                  "execution": name, **best_and_median_ms(measured),
                                  "speedup_vs_dense": round(min(times["dense"]) / min(measured), 2),
                                  "first_pass_s": round(first_pass[name], 2), "rounds": rounds, "repeats": repeats,

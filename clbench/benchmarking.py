@@ -175,21 +175,34 @@ def trained_gated_model(scenario: str, setting: str, width: int,
     return checkpoint.load(run_dir, data)["trainer"].model.eval(), spec, images
 
 
+# The inference benchmarks' backbones: their width (4 where a benchmark is `tiny`) and input.
+GATED_BACKBONES = {"small_cnn": (32, (1, 28, 28)), "resnet18": (16, (3, 32, 32))}
+TINY_WIDTH = 4
+
+
+def gated_network(backbone: str, width: int, gates: str, setting: str,
+                  trained_on: str | None = None) -> tuple[ModelSpec, TaskPathNet, torch.Tensor]:
+    """ccgn's network on `backbone`: its spec, the network and 64 inputs. `gates`
+    "trained": the small CNN trained on `trained_on` (`trained_gated_model`), with test
+    images of the first task; "random": `random_gated_model`, with random inputs."""
+    torch.manual_seed(0)
+    if gates == "trained":
+        with tempfile.TemporaryDirectory() as folder:
+            model, spec, images = trained_gated_model(trained_on, setting, width, folder)
+        return spec, model, images
+    shape = GATED_BACKBONES[backbone][1]
+    spec = ModelSpec(backbone, width, shape, setting, [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)])
+    return spec, random_gated_model(spec), torch.randn(64, *shape)
+
+
 def gated_networks(tiny: bool, trained_on: str):
     """The gated networks the inference benchmarks time: ccgn's small CNN of width 32
     trained on `trained_on` and with random gates (`random_gated_model`), and ResNet-18
     of width 16 with random gates (width 4 each where `tiny`), in the task and class
     settings. Yields backbone, width, gates ("trained" or "random"), setting, spec, the
     network and 64 inputs (test images of the first task, or random ones)."""
-    networks = [("small_cnn", 4 if tiny else 32, (1, 28, 28)), ("resnet18", 4 if tiny else 16, (3, 32, 32))]
-    for (backbone, width, shape), gates, setting in product(networks, ("trained", "random"), ("task", "class")):
+    for backbone, gates, setting in product(GATED_BACKBONES, ("trained", "random"), ("task", "class")):
         if gates == "trained" and backbone != "small_cnn":
             continue
-        torch.manual_seed(0)
-        if gates == "trained":
-            with tempfile.TemporaryDirectory() as folder:
-                model, spec, images = trained_gated_model(trained_on, setting, width, folder)
-        else:
-            spec = ModelSpec(backbone, width, shape, setting, [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)])
-            model, images = random_gated_model(spec), torch.randn(64, *shape)
-        yield backbone, width, gates, setting, spec, model, images
+        width = TINY_WIDTH if tiny else GATED_BACKBONES[backbone][0]
+        yield backbone, width, gates, setting, *gated_network(backbone, width, gates, setting, trained_on)
