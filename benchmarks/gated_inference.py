@@ -1,12 +1,13 @@
-"""Inference time of ccgn's gated network executed four ways: the dense backbone it is
+"""Inference time of ccgn's gated network executed five ways: the dense backbone it is
 built on; the masked layers (every channel computed, then multiplied by its gate); the
-compact paths of `clbench.compact` (only the kernels a task may open, padded with closed
-ones to a multiple of `CHANNEL_MULTIPLE`); and the same without the padding
-(`compact_unpadded`). Task setting (a batch of one task, through its path) and class
-setting (every learned task's path and the task classifier), batch 1 and 64, small CNN
-(Split MNIST's input) and a reduced-width ResNet-18 (CIFAR's input). In the class setting
-also the dense backbone run once per learned task (`dense_every_path`), what running
-every path densely would cost.
+compact paths of `clbench.compact` computing one set of channels for the whole batch (only
+the kernels a task may open, padded with closed ones to a multiple of `CHANNEL_MULTIPLE`:
+`compact`; without the padding: `compact_unpadded`); and the compact paths computing each
+sample's open channels only (`per_sample`, clbench's default at test). Task setting (a
+batch of one task, through its path) and class setting (every learned task's path and the
+task classifier), batch 1 and 64, small CNN (Split MNIST's input) and a reduced-width
+ResNet-18 (CIFAR's input). In the class setting also the dense backbone run once per
+learned task (`dense_every_path`), what running every path densely would cost.
 
 Two kinds of gates (column `gates`). `trained`: the small CNN as ccgn learns it, trained
 by `clbench run` on the embedded Split MNIST (`--trained-on`, 1 epoch per task, seed 0,
@@ -82,20 +83,23 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
     """The ways to run a batch, and the MACs per sample clbench counts for each."""
     dense = build_model(spec).eval()
     unpadded = copy.deepcopy(gated)
+    unpadded.per_sample_channels = False
     with mock.patch.object(compact, "CHANNEL_MULTIPLE", 1):
         unpadded.forward_with_macs(x, t)  # cut, and kept until the model changes, which it does not here
 
-    def masked():
-        gated.compact_inference = False
-        gated.forward_with_macs(x, t)
-        gated.compact_inference = True
+    def without(attribute: str):
+        def run():
+            setattr(gated, attribute, False)
+            gated.forward_with_macs(x, t)
+            setattr(gated, attribute, True)
+        return run
 
     runs = {"dense": lambda: dense(x, t) if spec.setting == "task" else dense(x),
-            "masked": masked, "compact": lambda: gated.forward_with_macs(x, t),
-            "compact_unpadded": lambda: unpadded.forward_with_macs(x, t)}
+            "masked": without("compact_inference"), "compact": without("per_sample_channels"),
+            "compact_unpadded": lambda: unpadded.forward_with_macs(x, t),
+            "per_sample": lambda: gated.forward_with_macs(x, t)}
     executed = gated.forward_with_macs(x, t)[1].float().mean().item()
-    macs = {"dense": dense_macs(dense, x[:1], t[:1]), "masked": executed, "compact": executed,
-            "compact_unpadded": executed}
+    macs = {"dense": dense_macs(dense, x[:1], t[:1]), **{name: executed for name in runs if name != "dense"}}
     if spec.setting == "class":  # what the gated network must beat there: every learned path run densely
         runs["dense_every_path"] = lambda: [dense(x) for _ in range(gated.tasks_learned)]
         macs["dense_every_path"] = gated.tasks_learned * macs["dense"]

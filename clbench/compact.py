@@ -14,6 +14,12 @@ counted as there (the channels its mask opened). In the class setting, where eve
 task's path reads the same image, the paths' first layer runs once for all
 (`SharedFirstLayer`).
 
+Where masks differ between samples (ccgn's gates), a path goes further and computes each
+sample's open channels only (`SampleChannels`): one grouped convolution per layer, one
+group per sample, whose weights are gathered for each sample from the path's kept ones.
+The samples of a batch open different channels (most of those their task keeps between
+them), so one set of channels for the whole batch saves little over the kept ones.
+
 A compact path remembers every tensor it was cut from (its version counter and storage)
 and `TaskPathNet` rebuilds it once any of them changed: an optimiser step,
 `GatedLayer.freeze`, `load_state_dict`, a tensor replaced, a move to another device.
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +124,61 @@ def cached_vector(values: tuple[int, ...], device: torch.device) -> torch.Tensor
     return torch.tensor(values, dtype=torch.float64, device=device)
 
 
+def open_first(mask: torch.Tensor) -> torch.Tensor:
+    """batch x n: each sample's open channels (mask > 0) first, then closed ones, n the
+    most channels any sample of the batch opens (at least 1)."""
+    n = max(int((mask > 0).sum(1).max()), 1)
+    return mask.argsort(dim=1, descending=True)[:, :n]
+
+
+@dataclass
+class SampleChannels:
+    """A layer's output computed per sample on the channels that sample opened. `values`:
+    1 x (batch * n) x H x W, sample i's channels at i * n ... (i + 1) * n, the input a
+    convolution of one group per sample reads; `index`: batch x n, their positions among
+    the layer's kept channels, padded with closed ones (whose values are 0); `active`:
+    batch x kept, the layer's mask, which the MAC count reads."""
+
+    values: torch.Tensor
+    index: torch.Tensor
+    active: torch.Tensor
+
+    @classmethod
+    def of_images(cls, images: torch.Tensor) -> SampleChannels:
+        batch, channels = images.shape[:2]
+        every = torch.arange(channels, device=images.device).expand(batch, -1)
+        values = channels_last(images.reshape(1, batch * channels, *images.shape[2:]))
+        return cls(values, every, images.new_ones(batch, channels))
+
+    def spread(self) -> torch.Tensor:
+        """batch x kept x H x W, zeros where a sample's channel was not computed."""
+        per_sample = self.values.view(*self.index.shape, *self.values.shape[2:])
+        out = self.values.new_zeros(*self.active.shape, *self.values.shape[2:])
+        return out.scatter_(1, self.index[:, :, None, None].expand_as(per_sample), per_sample)
+
+    def pooled(self) -> torch.Tensor:
+        """batch x kept: each channel averaged over positions (0 where not computed)."""
+        means = self.values.mean((2, 3)).view(self.index.shape)
+        return means.new_zeros(self.active.shape).scatter_(1, self.index, means)
+
+    def columns(self, channels: torch.Tensor) -> torch.Tensor:
+        """Positions x (batch * m): each sample's `channels` (batch x m, positions among
+        the kept ones; the number of kept ones for a channel not kept), zero where not
+        computed, picked from `values` seen as positions x (batch * n) (a view)."""
+        rows = self.values.permute(0, 2, 3, 1).flatten(0, 2)
+        slots = torch.arange(self.index.numel(), device=rows.device).view_as(self.index)
+        not_computed = self.index.numel()  # the zero column appended below
+        batch, kept = self.active.shape
+        column = torch.full((batch, kept + 1), not_computed, device=rows.device).scatter_(1, self.index, slots)
+        return F.pad(rows, (0, 1)).index_select(1, column.gather(1, channels).flatten())
+
+    @classmethod
+    def of_columns(cls, columns: torch.Tensor, index: torch.Tensor, active: torch.Tensor,
+                   size: tuple[int, int]) -> SampleChannels:
+        """From positions x (batch * n) columns, as `columns` returns them."""
+        return cls(columns.view(1, *size, -1).permute(0, 3, 1, 2), index, active)
+
+
 class CompactConv:
     """A conv or linear layer and its batch norm (folded in) at test, cut to channels
     `kept_in` in and `kept_out` out. A convolution's output channels are padded with zero
@@ -139,6 +201,16 @@ class CompactConv:
         if self.conv is None:
             return F.linear(x, self.weight, self.bias)
         return F.conv2d(x, self.weight, self.bias, **self.conv)
+
+    def per_sample(self, x: SampleChannels, out_index: torch.Tensor) -> torch.Tensor:
+        """The convolution of each sample's channels of `x` into its `out_index` ones (of
+        the kept outputs): one group per sample, weights gathered per sample; 1 x (batch *
+        n_out) x H x W, as `SampleChannels.values`."""
+        inputs = self.weight.shape[1]  # indexed flat: advanced indexing over two dimensions took 5x as long
+        pairs = (out_index[:, :, None] * inputs + x.index[:, None, :]).flatten()
+        weight = self.weight.flatten(0, 1).index_select(0, pairs).view(-1, x.index.shape[1], *self.weight.shape[2:])
+        bias = None if self.bias is None else self.bias[out_index].flatten()
+        return F.conv2d(x.values, weight, bias, groups=len(out_index), **self.conv)
 
 
 class CompactLayer:
@@ -171,6 +243,26 @@ class CompactLayer:
             return out, mask
         return out[:, :self.conv.out_channels] * mask_shape, mask
 
+    def per_sample(self, x: SampleChannels, count: MacCount, then: Callable | None = None) -> SampleChannels:
+        """As a call, but on each sample's open channels only; `then` (the ReLU, or pooling
+        and ReLU) runs before the mask multiplication, as in `PathLayer.forward`."""
+        mask = self.mask(x.pooled())  # a gate reads its input averaged over positions
+        index = open_first(mask)
+        out = self.conv.per_sample(x, index)
+        count.add(x.active, mask, self.kernel * out.shape[2] * out.shape[3], self.mask_macs)
+        if then is not None:
+            out = then(out)
+        return SampleChannels(out * mask.gather(1, index).view(1, -1, 1, 1), index, mask)
+
+    def per_sample_from_shared(self, x: torch.Tensor, count: MacCount, first: SharedOutput) -> SampleChannels:
+        """As `from_shared`, taking each sample's open channels only."""
+        mask = self.mask(x)
+        count.add(x.new_ones(len(x), x.shape[1]), mask, self.kernel * first.spatial, self.mask_macs)
+        index = open_first(mask)
+        shared = first.out.gather(1, first.positions[self][index][:, :, None, None].expand(-1, -1, *first.out.shape[2:]))
+        values = channels_last(shared.view(1, -1, *first.out.shape[2:]))
+        return SampleChannels(values * mask.gather(1, index).view(1, -1, 1, 1), index, mask)
+
     def from_shared(self, x: torch.Tensor, active_in: torch.Tensor, count: MacCount,
                     first: SharedOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """As a call on `x` followed by what `SharedFirstLayer` applies after the
@@ -182,6 +274,12 @@ class CompactLayer:
         # index_select over dimension 1 returns NCHW, and the layers after it then run slowly).
         channels = first.out.permute(0, 2, 3, 1).index_select(3, first.positions[self]).permute(0, 3, 1, 2)
         return channels * mask.view(*mask.shape, 1, 1), mask
+
+
+def pool_and_relu(x: torch.Tensor) -> torch.Tensor:
+    """The small CNN's ReLU and max-pooling, pooling first: the same values (both keep the
+    largest), the ReLU on a quarter of them."""
+    return F.relu(F.max_pool2d(x, 2))
 
 
 class CompactSmallCNN:
@@ -201,10 +299,13 @@ class CompactSmallCNN:
         self.kept = kept_in
 
     def __call__(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None,
-                 first: SharedOutput | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 first: SharedOutput | None = None, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept features and MACs per sample; where `stages` is a list, each layer's output
         averaged over positions is added to it, as in `PathTrace.stages`. With `first`, the
-        first layer's output comes from there."""
+        first layer's output comes from there; with `per_sample`, the convolutions compute
+        each sample's open channels only (`SampleChannels`)."""
+        if per_sample:
+            return self.per_sample(x, stages, first)
         x, active, count = channels_last(x), torch.ones(len(x), self.in_channels, device=x.device), MacCount()
         for index, layer in enumerate(self.layers):
             if index == 2:
@@ -221,6 +322,28 @@ class CompactSmallCNN:
             pool_stage(stages, x, layer.kept, layer.out_units)
         return x, count.total()
 
+    def per_sample(self, x: torch.Tensor, stages: list[torch.Tensor] | None,
+                   first: SharedOutput | None) -> tuple[torch.Tensor, torch.Tensor]:
+        count, (conv1, conv2, linear) = MacCount(), self.layers
+        if first is not None:
+            channels = conv1.per_sample_from_shared(x, count, first)
+        else:
+            channels = conv1.per_sample(SampleChannels.of_images(x), count, then=pool_and_relu)
+        pool_stage(stages, channels.pooled(), conv1.kept, conv1.out_units)
+        channels = conv2.per_sample(channels, count, then=pool_and_relu)
+        pool_stage(stages, channels.pooled(), conv2.kept, conv2.out_units)
+        x, _ = linear(channels.spread().flatten(1), channels.active.repeat_interleave(self.spatial, 1), count)
+        x = F.relu(x)
+        pool_stage(stages, x, linear.kept, linear.out_units)
+        return x, count.total()
+
+
+def positions_among(channels: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+    """The position of each of `channels` among `side` (both sorted), len(side) where
+    `side` lacks it."""
+    found = torch.searchsorted(side, channels).clamp(max=len(side) - 1)
+    return torch.where(side[found] == channels, found, len(side))
+
 
 class CompactBlock:
     """`PathBasicBlock` cut to one task's channels, given those its input keeps; its
@@ -236,7 +359,7 @@ class CompactBlock:
         if self.shortcut is None:  # identity: a channel is kept where either side keeps it
             self.kept = torch.unique(torch.cat([kept_in, out]))
             self.from_conv, self.from_input = torch.searchsorted(self.kept, out), torch.searchsorted(self.kept, kept_in)
-
+            self.to_conv, self.to_input = positions_among(self.kept, out), positions_among(self.kept, kept_in)
     def __call__(self, x: torch.Tensor, active_in: torch.Tensor, count: MacCount) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and its active channels; MACs per sample go to `count`."""
         h, mask1 = self.conv1(x, active_in, count)
@@ -249,6 +372,19 @@ class CompactBlock:
         count.add(active_in, mask2, out.shape[2] * out.shape[3])
         shortcut = self.shortcut(x)[:, :self.shortcut.out_channels]
         return F.relu(out + shortcut * mask2[:, :, None, None]), mask2
+
+    def per_sample(self, x: SampleChannels, count: MacCount) -> SampleChannels:
+        """As a call, on each sample's open channels only."""
+        out = self.conv2.per_sample(self.conv1.per_sample(x, count, then=F.relu), count)
+        if self.shortcut is None:  # each sample's channels of either side, the sum where both have them
+            channels = len(self.kept)
+            active = torch.maximum(widen(out.active, self.from_conv, channels), widen(x.active, self.from_input, channels))
+            index = open_first(active)
+            summed = out.columns(self.to_conv[index]) + x.columns(self.to_input[index])
+            return SampleChannels.of_columns(summed.relu_(), index, active, out.values.shape[2:])
+        count.add(x.active, out.active, out.values.shape[2] * out.values.shape[3])
+        shortcut = self.shortcut.per_sample(x, out.index) * out.active.gather(1, out.index).view(1, -1, 1, 1)
+        return SampleChannels(F.relu(out.values + shortcut), out.index, out.active)
 
 
 class CompactResNet18:
@@ -267,10 +403,13 @@ class CompactResNet18:
         self.layers = [self.stem] + [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
 
     def __call__(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None,
-                 first: SharedOutput | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 first: SharedOutput | None = None, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Kept features and MACs per sample; where `stages` is a list, the output of the
         stem and of each block averaged over positions is added to it, as in
-        `PathTrace.stages`. With `first`, the stem's output comes from there."""
+        `PathTrace.stages`. With `first`, the stem's output comes from there; with
+        `per_sample`, the convolutions compute each sample's open channels only."""
+        if per_sample:
+            return self.per_sample(x, stages, first)
         count, active = MacCount(), torch.ones(len(x), self.in_channels, device=x.device)
         if first is not None:
             x, active = self.stem.from_shared(x, active, count, first)
@@ -282,6 +421,19 @@ class CompactResNet18:
             x, active = block(x, active, count)
             pool_stage(stages, x, block.kept, block.out_units)
         return x.mean((2, 3)), count.total()
+
+    def per_sample(self, x: torch.Tensor, stages: list[torch.Tensor] | None,
+                   first: SharedOutput | None) -> tuple[torch.Tensor, torch.Tensor]:
+        count = MacCount()
+        if first is not None:
+            channels = self.stem.per_sample_from_shared(x, count, first)
+        else:
+            channels = self.stem.per_sample(SampleChannels.of_images(x), count, then=F.relu)
+        pool_stage(stages, channels.pooled(), self.stem.kept, self.stem.out_units)
+        for block in self.blocks:
+            channels = block.per_sample(channels, count)
+            pool_stage(stages, channels.pooled(), block.kept, block.out_units)
+        return channels.pooled(), count.total()
 
 
 COMPACT_BACKBONES = {PathSmallCNN: CompactSmallCNN, PathResNet18: CompactResNet18}
@@ -331,6 +483,9 @@ class CompactPath:
         # operations (the gates', the mask multiplications) into fewer kernels, on its
         # first pass at each batch size (seconds to minutes; a C++ compiler on CPU).
         self.run_backbone = torch.compile(self.backbone.__call__) if model.compile_compact else self.backbone
+        # Per-sample channels where masks differ between samples; not compiled (the
+        # number of channels a batch opens changes the shapes).
+        self.varies = any(layer.masks_per_sample for layer in model.path_layers) and not model.compile_compact
         self.head = head.weight.detach()[:, self.backbone.kept], head.bias.detach()
         self.head_macs = head.in_features * head.out_features
         self.out_features = model.backbone.out_features
@@ -341,18 +496,25 @@ class CompactPath:
         """Whether the path matches its network, whose `kernel_state` is `kernels`."""
         return kernels == self.kernel_state and tensor_state(tensors_of(self.own_sources)) == self.own_state
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and MACs per sample."""
-        features, macs = self.run_backbone(x)
+    def runs_per_sample(self, x: torch.Tensor, asked: bool) -> bool:
+        """Per-sample channels where `asked`, masks differ between samples, and the batch
+        has more than one: a single sample's open channels, unpadded, took longer than the
+        kept ones padded (README, Benchmarks)."""
+        return asked and self.varies and len(x) > 1
+
+    def __call__(self, x: torch.Tensor, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and MACs per sample; with `per_sample`, see `runs_per_sample`."""
+        features, macs = self.run_backbone(x, per_sample=self.runs_per_sample(x, per_sample))
         return F.linear(features, *self.head), macs + self.head_macs
 
-    def features_and_logits(self, x: torch.Tensor, stages: bool = False,
-                            first: SharedOutput | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features_and_logits(self, x: torch.Tensor, stages: bool = False, first: SharedOutput | None = None,
+                            per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The path's features (all of them, those cut away zero), or with `stages` every
         stage's output averaged over positions (`PathTrace.stages`); logits and MACs per
-        sample. With `first`, the first layer's output comes from there."""
+        sample. With `first`, the first layer's output comes from there; `per_sample` as
+        in a call."""
         pooled = [] if stages else None
-        features, macs = self.run_backbone(x, pooled, first)
+        features, macs = self.run_backbone(x, pooled, first, self.runs_per_sample(x, per_sample))
         logits = F.linear(features, *self.head)
         read = torch.cat(pooled, 1) if stages else widen(features, self.backbone.kept, self.out_features)
         return read, logits, macs + self.head_macs
@@ -391,14 +553,15 @@ class SharedFirstLayer:
         return SharedOutput(F.max_pool2d(out, 2) if self.pool else out, self.positions, spatial)
 
 
-def run_learned_paths(paths: list[CompactPath], x: torch.Tensor,
-                      stages: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+def run_learned_paths(paths: list[CompactPath], x: torch.Tensor, stages: bool,
+                      per_sample: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """`TaskPathNet.learned_paths` with compact paths: what the task classifier reads of
     each path, each path's logits and the MACs of all, the paths' first layer shared
-    (`SharedFirstLayer`, kept with the first path until any path is rebuilt)."""
+    (`SharedFirstLayer`, kept with the first path until any path is rebuilt); `per_sample`
+    as in a `CompactPath` call."""
     cached = paths[0].shared_first
     if cached is None or len(cached[0]) != len(paths) or any(a is not b for a, b in zip(cached[0], paths)):
         paths[0].shared_first = cached = paths, SharedFirstLayer(paths[0].first_layer, paths)
     first = cached[1](x)
-    features, logits, macs = zip(*(path.features_and_logits(x, stages, first) for path in paths))
+    features, logits, macs = zip(*(path.features_and_logits(x, stages, first, per_sample) for path in paths))
     return list(features), list(logits), sum(macs)

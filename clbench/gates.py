@@ -31,6 +31,8 @@ class GatedLayer(PathLayer):
     straight-through samples; evaluation: the gate is open where the logit is positive,
     restricted to the kernels task t used when it was learned (`allowed`)."""
 
+    masks_per_sample = True
+
     def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.Module | None, tied: nn.Sequential | None = None, *,
                  n_tasks: int, temperature: float, closed_gates_learn: bool = False):
         super().__init__(layer, norm, tied)

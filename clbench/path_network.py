@@ -97,6 +97,7 @@ class PathLayer(nn.Module):
     the MACs, on the output side and as the next layer's input."""
 
     mask_macs = 0  # MACs of computing the mask for one sample
+    masks_per_sample = False  # whether samples of one task can have different masks
     closed_gates_learn = False  # a mask of 0 gets the gradient of opening (see forward)
 
     def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.Module | None, tied: nn.Sequential | None = None):
@@ -273,6 +274,7 @@ class TaskPathNet(MultiTaskModule):
 
     compact_inference = True  # False: the masked layers at test too (a benchmark's baseline)
     compile_compact = False  # True: compact paths compiled by torch.compile (`clbench.compact.CompactPath`)
+    per_sample_channels = True  # False: compact paths compute the same channels for every sample of a batch
     normalise_task_features = False  # set by the strategy's classifier_input
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec, classifier_layers: str = "last"):
@@ -338,7 +340,7 @@ class TaskPathNet(MultiTaskModule):
         """Logits of one task's path and head, and the MACs each sample executed: the
         compact path where `runs_compact()`, else the masked one."""
         if self.runs_compact():
-            return self.compact_paths([task])[0](x)
+            return self.compact_paths([task])[0](x, self.per_sample_channels)
         logits, trace = self.forward_path(x, task)
         return logits, trace.macs
 
@@ -370,7 +372,7 @@ class TaskPathNet(MultiTaskModule):
         if self.runs_compact():
             from clbench.compact import run_learned_paths
 
-            return run_learned_paths(self.compact_paths(tasks), x, self.classifier_reads_stages)
+            return run_learned_paths(self.compact_paths(tasks), x, self.classifier_reads_stages, self.per_sample_channels)
         read, logits, macs = [], [], 0
         for task in tasks:
             trace = PathTrace()

@@ -1,8 +1,11 @@
 """Do a trained gated model's compact paths (`clbench.compact`, what clbench evaluates
 with) predict what its masked layers predict? Loads the final checkpoint of a ccgn or HAT
-run (`clbench run ... --keep-checkpoints`), runs every task's test set through both, and
-prints per task the accuracy each way, the test samples whose prediction differs, those
-whose MACs counted differ (a gate whose logit is within float rounding of 0 can decide
+run (`clbench run ... --keep-checkpoints`), runs every task's test set (batches of 256)
+through the compact paths computing each sample's open channels (`per_sample`, clbench's
+default), through those computing one set of channels per batch (`compact`) and through
+the masked layers, and prints per task the accuracy each way, and for each compact
+execution the test samples whose prediction differs from the masked layers', those whose
+MACs counted differ (a gate whose logit is within float rounding of 0 can decide
 differently), and the largest MAC difference.
 
     python scripts/compact_agreement.py results/compact_execution/split_mnist/task/ccgn/seed0
@@ -17,10 +20,16 @@ from torch.utils.data import DataLoader
 from clbench.runner import load_checkpointed_run
 
 
+EXECUTIONS = {"per_sample": dict(compact_inference=True, per_sample_channels=True),
+              "compact": dict(compact_inference=True, per_sample_channels=False),
+              "masked": dict(compact_inference=False)}
+
+
 @torch.no_grad()
-def predictions(model, dataset, compact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def predictions(model, dataset, execution: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Predicted classes, true classes and MACs per sample of `dataset`."""
-    model.compact_inference = compact
+    for attribute, value in EXECUTIONS[execution].items():
+        setattr(model, attribute, value)
     predicted, true, macs = [], [], []
     for x, y, t in DataLoader(dataset, batch_size=256):
         logits, sample_macs = model.forward_with_macs(x, t)
@@ -36,16 +45,22 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = parser.parse_args(argv).run_dir
     _, scenario, state = load_checkpointed_run(run_dir)
     model = state["trainer"].model.eval()
-    print("| task | test samples | accuracy, compact | accuracy, masked | predictions differing | MACs differing "
-          "| largest MAC difference |")
-    print("|---|---|---|---|---|---|---|")
+    compared = [name for name in EXECUTIONS if name != "masked"]
+    print("| task | test samples | " + " | ".join(f"accuracy, {name}" for name in EXECUTIONS) + " | "
+          + " | ".join(f"{name}: predictions differing | MACs differing | largest MAC difference" for name in compared)
+          + " |")
+    print("|---" * (2 + len(EXECUTIONS) + 3 * len(compared)) + "|")
     for task, experience in enumerate(scenario.benchmark.test_stream):
         dataset = experience.dataset.eval()
-        compact, true, compact_macs = predictions(model, dataset, True)
-        masked, _, masked_macs = predictions(model, dataset, False)
-        print(f"| {task + 1} | {len(true)} | {(compact == true).float().mean():.4f} | {(masked == true).float().mean():.4f} "
-              f"| {int((compact != masked).sum())} | {int((compact_macs != masked_macs).sum())} "
-              f"| {int((compact_macs - masked_macs).abs().max())} |")
+        runs = {name: predictions(model, dataset, name) for name in EXECUTIONS}
+        masked, true, masked_macs = runs["masked"]
+        cells = [str(task + 1), str(len(true))] + [f"{(predicted == true).float().mean():.4f}"
+                                                   for predicted, _, _ in runs.values()]
+        for name in compared:
+            predicted, _, macs = runs[name]
+            cells += [str(int((predicted != masked).sum())), str(int((macs != masked_macs).sum())),
+                      str(int((macs - masked_macs).abs().max()))]
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ layers; and the benchmark that times it."""
 import copy
 import pickle
 import shutil
+from unittest import mock
 
 import pandas as pd
 import pytest
@@ -73,14 +74,18 @@ def compact_and_masked(model, x, tasks):
     return compact, masked
 
 
+@pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("setting", ["task", "class"])
 @pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
 @pytest.mark.parametrize("strategy", ["ccgn", "hat"])
-def test_compact_paths_compute_what_the_masked_layers_do(strategy, backbone, setting):
+def test_compact_paths_compute_what_the_masked_layers_do(strategy, backbone, setting, per_sample):
     """Outputs within float tolerance and the same MACs per sample, in a batch whose
     samples open different channels (ccgn) and in the class setting, where every learned
-    task's path runs; and the paths are smaller than the network."""
+    task's path runs; and the paths are smaller than the network. Computing each sample's
+    open channels (`per_sample_channels`, ccgn's at batches above 1) or one set for the
+    batch alike."""
     model = learned_model(strategy, backbone, setting)
+    model.per_sample_channels = per_sample
     x, tasks = inputs()
     (compact, compact_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
     assert torch.allclose(compact, masked, atol=1e-5)
@@ -117,6 +122,41 @@ def test_compact_paths_give_a_task_classifier_reading_every_stage_what_the_maske
     assert all(r.std(0).max() > 1e-3 for r in masked_read), "what the classifier reads should differ between samples"
     (compact, _), (masked, _) = compact_and_masked(model, x, tasks)
     assert torch.allclose(compact, masked, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+def test_per_sample_channels_run_each_samples_open_channels_where_gates_differ(backbone):
+    """ccgn at a batch of several: every convolution reads and computes per sample only
+    channels that sample's gates opened, as many as the most any sample opens (not all
+    the task keeps), and gives the masked layers' outputs; a batch of one, and HAT, whose
+    masks are the same for every sample, run the kept channels instead."""
+    model = learned_model("ccgn", backbone, "task")
+    x, tasks = inputs()
+    calls = []
+    convolution = compact.CompactConv.per_sample
+
+    def spy(conv, channels, out_index):
+        calls.append((conv, channels, out_index))
+        return convolution(conv, channels, out_index)
+
+    with mock.patch.object(compact.CompactConv, "per_sample", spy):
+        (out, macs), (masked, masked_macs) = compact_and_masked(model, x, torch.zeros_like(tasks))
+    assert torch.allclose(out, masked, atol=1e-5) and torch.equal(macs, masked_macs)
+    convolutions = [layer for layer in model._compact_paths[0].backbone.layers if layer.conv.conv is not None]
+    assert len(calls) >= len(convolutions)
+    with torch.no_grad():
+        _, trace = model.forward_path(x, 0)
+    opened = [(mask > 0).sum(1).max() for mask in trace.masks]
+    for conv, channels, out_index in calls:
+        assert out_index.shape[1] < conv.out_channels, "fewer channels than the task keeps"
+        assert channels.values.shape[1] == len(x) * channels.index.shape[1]
+    first_layer = calls[0][2]
+    assert first_layer.shape[1] == opened[0], "as many as the most any sample opens"
+    one, hat = learned_model("ccgn", backbone, "task"), learned_model("hat", backbone, "task")
+    with mock.patch.object(compact.CompactConv, "per_sample", side_effect=AssertionError("per sample")):
+        with torch.no_grad():
+            one.forward_with_macs(x[:1], tasks[:1])
+            hat.forward_with_macs(x, tasks)
 
 
 def test_the_class_settings_shared_first_layer_follows_the_paths_it_serves():
@@ -270,7 +310,7 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
     benchmark.main(["--tiny", "--threads", "1", "--output", str(output), "--trained-on", tiny_scenario])
     table = pd.read_csv(output)
     assert list(table.columns) == benchmark.COLUMNS
-    executions = {"dense", "masked", "compact", "compact_unpadded"}
+    executions = {"dense", "masked", "compact", "compact_unpadded", "per_sample"}
     assert set(table.query("setting == 'task'").execution) == executions
     assert set(table.query("setting == 'class'").execution) == executions | {"dense_every_path"}
     assert set(table.setting) == {"task", "class"} and set(table.backbone) == {"small_cnn", "resnet18"}
@@ -302,7 +342,9 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
 def test_the_agreement_script_finds_where_compact_and_masked_predictions_differ(tiny_scenario, tmp_path, capsys,
                                                                                monkeypatch):
     """A tiny ccgn run's compact and masked predictions agree; with the compact
-    convolutions' outputs negated, the script reports the predictions that change."""
+    convolutions' outputs negated (those computing one set of channels per batch, then
+    those computing each sample's), the script reports the predictions that change, in
+    that execution's column only."""
     agreement = load_script("scripts", "compact_agreement")
     run_dir = run(RunConfig(scenario=tiny_scenario, strategy="ccgn", setting="task", width=8,
                             results_dir=str(tmp_path), keep_checkpoints=True)).run_dir
@@ -314,10 +356,16 @@ def test_the_agreement_script_finds_where_compact_and_masked_predictions_differ(
         return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
     honest = rows()
-    assert len(honest) == 5 and all(row[2] == row[3] and row[4] == "0" for row in honest)
-    conv = compact.CompactConv.__call__
-    monkeypatch.setattr(compact.CompactConv, "__call__", lambda self, x: -conv(self, x))
-    assert sum(int(row[4]) for row in rows()) > 0
+    assert len(honest) == 5 and all(row[2] == row[3] == row[4] and row[5] == row[8] == "0" for row in honest)
+    with monkeypatch.context() as patched:
+        conv = compact.CompactConv.__call__
+        patched.setattr(compact.CompactConv, "__call__", lambda self, x: -conv(self, x))
+        broken = rows()
+        assert sum(int(row[8]) for row in broken) > 0
+    per_sample = compact.CompactConv.per_sample
+    monkeypatch.setattr(compact.CompactConv, "per_sample", lambda self, x, index: -per_sample(self, x, index))
+    broken = rows()
+    assert sum(int(row[5]) for row in broken) > 0 and all(row[8] == "0" for row in broken)
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler on CPU")
