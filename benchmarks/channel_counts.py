@@ -1,9 +1,11 @@
 """Time of a channels-last 3x3 convolution and of a 2x2 max-pooling by the number of
 output channels, batch 64: why `clbench.compact` pads its convolutions' outputs to a
 multiple of `CHANNEL_MULTIPLE` (8) channels. Cases are the compact paths' shapes: the
-small CNN's first layer (1 input channel, 28 x 28) and second (27 inputs, 14 x 14), a
-narrow ResNet-18's first stage (5 inputs, 32 x 32), and the max-pooling after the small
-CNN's first layer (28 x 28). Each shape is timed alternately with every channel count,
+small CNN's first layer (1 input channel, 28 x 28) and second (27 and 32 inputs, 14 x
+14), a narrow ResNet-18's first stage (5 inputs, 32 x 32), and the max-pooling after the
+small CNN's first layer (28 x 28); and the convolution as `clbench.compact.SampleChannels`
+runs the small CNN's second layer, one group per sample of n channels in and n out
+(`grouped_conv`, 14 x 14): with n = 32 the dense layer's MACs. Each shape is timed alternately with every channel count,
 `--rounds` rounds of `--repeats` calls; best and median per call.
 
 Usage: python benchmarks/channel_counts.py [--threads 1] [--tiny]
@@ -23,8 +25,9 @@ from clbench.benchmarking import (best_and_median_ms, interleaved_times, machine
 RESULTS = Path(__file__).parent / "results" / "channel_counts.csv"
 COLUMNS = ["operation", "in_channels", "size", "out_channels", "best_ms", "median_ms", "rounds", "repeats", "machine",
            "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
-SHAPES = [("conv", 1, 28), ("conv", 27, 14), ("conv", 5, 32), ("max_pool", None, 28)]
-OUT_CHANNELS = [5, 8, 16, 24, 25, 27, 31, 32]
+SHAPES = [("conv", 1, 28), ("conv", 27, 14), ("conv", 32, 14), ("conv", 5, 32), ("max_pool", None, 28),
+          ("grouped_conv", None, 14)]
+OUT_CHANNELS = [5, 8, 16, 20, 24, 25, 27, 31, 32]
 
 
 def operation(kind: str, in_channels: int | None, size: int, out_channels: int, batch: int):
@@ -32,6 +35,10 @@ def operation(kind: str, in_channels: int | None, size: int, out_channels: int, 
     if kind == "max_pool":
         x = torch.randn(batch, out_channels, size, size).to(memory_format=torch.channels_last)
         return lambda: F.max_pool2d(x, 2)
+    if kind == "grouped_conv":
+        x = torch.randn(1, batch * out_channels, size, size).to(memory_format=torch.channels_last)
+        weight = torch.randn(batch * out_channels, out_channels, 3, 3)
+        return lambda: F.conv2d(x, weight, padding=1, groups=batch)
     x = torch.randn(batch, in_channels, size, size).to(memory_format=torch.channels_last)
     weight = torch.randn(out_channels, in_channels, 3, 3)
     return lambda: F.conv2d(x, weight, padding=1)

@@ -57,7 +57,7 @@ def test_channel_counts_benchmark_writes_its_table(tmp_path):
     table = pd.read_csv(output)
     assert list(table.columns) == channel_counts.COLUMNS
     assert len(table) == len(channel_counts.SHAPES) * len(channel_counts.OUT_CHANNELS)
-    assert set(table.operation) == {"conv", "max_pool"}
+    assert set(table.operation) == {"conv", "max_pool", "grouped_conv"}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
 
 
