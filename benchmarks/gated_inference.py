@@ -3,7 +3,8 @@ built on; the masked layers (every channel computed, then multiplied by its gate
 compact paths of `clbench.compact` computing one set of channels for the whole batch (only
 the kernels a task may open, padded with closed ones to a multiple of `CHANNEL_MULTIPLE`:
 `compact`; without the padding: `compact_unpadded`); and the compact paths computing each
-sample's open channels only (`per_sample`, clbench's default at test). Task setting (a
+sample's open channels only (`per_sample`; clbench's default at test from a batch of 2,
+timed here at a batch of 1 too). Task setting (a
 batch of one task, through its path) and class setting (every learned task's path and the
 task classifier), batch 1 and 64, small CNN (Split MNIST's input) and a reduced-width
 ResNet-18 (CIFAR's input). In the class setting also the dense backbone run once per
@@ -82,8 +83,9 @@ def gate_usage(gated: TaskPathNet, x: torch.Tensor) -> tuple[str, str]:
 def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Tensor) -> tuple[dict, dict]:
     """The ways to run a batch, and the MACs per sample clbench counts for each."""
     dense = build_model(spec).eval()
-    unpadded = copy.deepcopy(gated)
+    unpadded, per_sample = copy.deepcopy(gated), copy.deepcopy(gated)
     unpadded.per_sample_channels = False
+    per_sample.per_sample_from_batch = 1  # at a batch of one too, where clbench computes the kept channels
     with mock.patch.object(compact, "CHANNEL_MULTIPLE", 1):
         unpadded.forward_with_macs(x, t)  # cut, and kept until the model changes, which it does not here
 
@@ -97,7 +99,7 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
     runs = {"dense": lambda: dense(x, t) if spec.setting == "task" else dense(x),
             "masked": without("compact_inference"), "compact": without("per_sample_channels"),
             "compact_unpadded": lambda: unpadded.forward_with_macs(x, t),
-            "per_sample": lambda: gated.forward_with_macs(x, t)}
+            "per_sample": lambda: per_sample.forward_with_macs(x, t)}
     executed = gated.forward_with_macs(x, t)[1].float().mean().item()
     macs = {"dense": dense_macs(dense, x[:1], t[:1]), **{name: executed for name in runs if name != "dense"}}
     if spec.setting == "class":  # what the gated network must beat there: every learned path run densely

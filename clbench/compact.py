@@ -259,8 +259,9 @@ class CompactLayer:
         mask = self.mask(x)
         count.add(x.new_ones(len(x), x.shape[1]), mask, self.kernel * first.spatial, self.mask_macs)
         index = open_first(mask)
-        shared = first.out.gather(1, first.positions[self][index][:, :, None, None].expand(-1, -1, *first.out.shape[2:]))
-        values = channels_last(shared.view(1, -1, *first.out.shape[2:]))
+        size = first.out.shape[2:]
+        shared = first.out.gather(1, first.positions[self][index][:, :, None, None].expand(-1, -1, *size))
+        values = channels_last(shared.view(1, -1, *size))
         return SampleChannels(values * mask.gather(1, index).view(1, -1, 1, 1), index, mask)
 
     def from_shared(self, x: torch.Tensor, active_in: torch.Tensor, count: MacCount,
@@ -360,6 +361,7 @@ class CompactBlock:
             self.kept = torch.unique(torch.cat([kept_in, out]))
             self.from_conv, self.from_input = torch.searchsorted(self.kept, out), torch.searchsorted(self.kept, kept_in)
             self.to_conv, self.to_input = positions_among(self.kept, out), positions_among(self.kept, kept_in)
+
     def __call__(self, x: torch.Tensor, active_in: torch.Tensor, count: MacCount) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and its active channels; MACs per sample go to `count`."""
         h, mask1 = self.conv1(x, active_in, count)
@@ -378,7 +380,8 @@ class CompactBlock:
         out = self.conv2.per_sample(self.conv1.per_sample(x, count, then=F.relu), count)
         if self.shortcut is None:  # each sample's channels of either side, the sum where both have them
             channels = len(self.kept)
-            active = torch.maximum(widen(out.active, self.from_conv, channels), widen(x.active, self.from_input, channels))
+            active = torch.maximum(widen(out.active, self.from_conv, channels),
+                                   widen(x.active, self.from_input, channels))
             index = open_first(active)
             summed = out.columns(self.to_conv[index]) + x.columns(self.to_input[index])
             return SampleChannels.of_columns(summed.relu_(), index, active, out.values.shape[2:])
@@ -496,15 +499,10 @@ class CompactPath:
         """Whether the path matches its network, whose `kernel_state` is `kernels`."""
         return kernels == self.kernel_state and tensor_state(tensors_of(self.own_sources)) == self.own_state
 
-    def runs_per_sample(self, x: torch.Tensor, asked: bool) -> bool:
-        """Per-sample channels where `asked`, masks differ between samples, and the batch
-        has more than one: a single sample's open channels, unpadded, took longer than the
-        kept ones padded (README, Benchmarks)."""
-        return asked and self.varies and len(x) > 1
-
     def __call__(self, x: torch.Tensor, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and MACs per sample; with `per_sample`, see `runs_per_sample`."""
-        features, macs = self.run_backbone(x, per_sample=self.runs_per_sample(x, per_sample))
+        """Logits and MACs per sample; with `per_sample`, where masks differ between
+        samples, each sample's open channels computed only (`SampleChannels`)."""
+        features, macs = self.run_backbone(x, per_sample=per_sample and self.varies)
         return F.linear(features, *self.head), macs + self.head_macs
 
     def features_and_logits(self, x: torch.Tensor, stages: bool = False, first: SharedOutput | None = None,
@@ -514,7 +512,7 @@ class CompactPath:
         sample. With `first`, the first layer's output comes from there; `per_sample` as
         in a call."""
         pooled = [] if stages else None
-        features, macs = self.run_backbone(x, pooled, first, self.runs_per_sample(x, per_sample))
+        features, macs = self.run_backbone(x, pooled, first, per_sample and self.varies)
         logits = F.linear(features, *self.head)
         read = torch.cat(pooled, 1) if stages else widen(features, self.backbone.kept, self.out_features)
         return read, logits, macs + self.head_macs

@@ -275,6 +275,7 @@ class TaskPathNet(MultiTaskModule):
     compact_inference = True  # False: the masked layers at test too (a benchmark's baseline)
     compile_compact = False  # True: compact paths compiled by torch.compile (`clbench.compact.CompactPath`)
     per_sample_channels = True  # False: compact paths compute the same channels for every sample of a batch
+    per_sample_from_batch = 2  # the smallest batch for which they compute each sample's (`runs_per_sample`)
     normalise_task_features = False  # set by the strategy's classifier_input
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec, classifier_layers: str = "last"):
@@ -320,6 +321,13 @@ class TaskPathNet(MultiTaskModule):
         parameters, so there the masked layers run."""
         return self.compact_inference and not self.training and not torch.is_grad_enabled()
 
+    def runs_per_sample(self, x: torch.Tensor) -> bool:
+        """Whether compact paths compute each sample's open channels, where masks differ
+        between samples (`clbench.compact.SampleChannels`): for batches of at least
+        `per_sample_from_batch`. One image's open channels, unpadded, took longer than the
+        kept ones padded (README, Benchmarks)."""
+        return self.per_sample_channels and len(x) >= self.per_sample_from_batch
+
     def compact_paths(self, tasks: Iterable[int]) -> list[CompactPath]:
         """The tasks' compact paths, each rebuilt whenever a tensor it was cut from has
         changed; the kernels, which every path is cut from, are checked once for all."""
@@ -340,7 +348,7 @@ class TaskPathNet(MultiTaskModule):
         """Logits of one task's path and head, and the MACs each sample executed: the
         compact path where `runs_compact()`, else the masked one."""
         if self.runs_compact():
-            return self.compact_paths([task])[0](x, self.per_sample_channels)
+            return self.compact_paths([task])[0](x, self.runs_per_sample(x))
         logits, trace = self.forward_path(x, task)
         return logits, trace.macs
 
@@ -372,7 +380,7 @@ class TaskPathNet(MultiTaskModule):
         if self.runs_compact():
             from clbench.compact import run_learned_paths
 
-            return run_learned_paths(self.compact_paths(tasks), x, self.classifier_reads_stages, self.per_sample_channels)
+            return run_learned_paths(self.compact_paths(tasks), x, self.classifier_reads_stages, self.runs_per_sample(x))
         read, logits, macs = [], [], 0
         for task in tasks:
             trace = PathTrace()

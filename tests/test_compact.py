@@ -82,7 +82,7 @@ def test_compact_paths_compute_what_the_masked_layers_do(strategy, backbone, set
     """Outputs within float tolerance and the same MACs per sample, in a batch whose
     samples open different channels (ccgn) and in the class setting, where every learned
     task's path runs; and the paths are smaller than the network. Computing each sample's
-    open channels (`per_sample_channels`, ccgn's at batches above 1) or one set for the
+    open channels (`per_sample_channels`, ccgn's from a batch of 2) or one set for the
     batch alike."""
     model = learned_model(strategy, backbone, setting)
     model.per_sample_channels = per_sample
@@ -157,6 +157,10 @@ def test_per_sample_channels_run_each_samples_open_channels_where_gates_differ(b
         with torch.no_grad():
             one.forward_with_macs(x[:1], tasks[:1])
             hat.forward_with_macs(x, tasks)
+    one.per_sample_from_batch = 1  # as the benchmark times it
+    with mock.patch.object(compact.CompactConv, "per_sample", side_effect=AssertionError("per sample")):
+        with pytest.raises(AssertionError, match="per sample"), torch.no_grad():
+            one.forward_with_macs(x[:1], tasks[:1])
 
 
 def test_the_class_settings_shared_first_layer_follows_the_paths_it_serves():
