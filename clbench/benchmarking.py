@@ -140,9 +140,9 @@ RANDOM_GATED_TASKS = 5
 RANDOM_GATED_ALLOWED = 0.25  # share of each layer's kernels each task may open
 
 
-def random_gated_model(spec: ModelSpec) -> TaskPathNet:
+def random_gated_model(spec: ModelSpec, allowed: float = RANDOM_GATED_ALLOWED) -> TaskPathNet:
     """ccgn's network with `RANDOM_GATED_TASKS` tasks learned by hand, without training (so
-    that ResNet-18 fits on a CPU): each task allowed a random `RANDOM_GATED_ALLOWED` of every
+    that ResNet-18 fits on a CPU): each task allowed a random share `allowed` of every
     layer's kernels, with untrained gating modules that open about half of those per
     sample; their batch norms, like the backbone's, hold the statistics of random inputs."""
     model = get_strategy("ccgn").from_hparams({}).make_model(spec)
@@ -156,7 +156,7 @@ def random_gated_model(spec: ModelSpec) -> TaskPathNet:
             norm.momentum = 0.1
         for layer in model.path_layers:
             for task in range(RANDOM_GATED_TASKS):
-                layer.freeze(task, torch.rand(layer.out_units) < RANDOM_GATED_ALLOWED)
+                layer.freeze(task, torch.rand(layer.out_units) < allowed)
     model.tasks_learned = RANDOM_GATED_TASKS
     return model.eval()
 

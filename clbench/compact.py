@@ -179,6 +179,15 @@ class SampleChannels:
         return cls(columns.view(1, *size, -1).permute(0, 3, 1, 2), index, active)
 
 
+# A convolution computes each sample's channels (`CompactConv.per_sample`) only from this
+# many output positions on; below, gathering each sample's weights, read once per
+# position, costs more than computing every kept channel. `benchmarks/per_sample_positions.py`
+# (ccgn's ResNet-18, widths 16-64, batch 64, one thread): at 100 (CIFAR's 8 x 8 and 4 x 4
+# stages every kept channel) per-sample channels took 0.96-1.27x the compact path's time
+# over (0.42-1.04x at 0, 0.71-0.98x at 300).
+PER_SAMPLE_MIN_POSITIONS = 100
+
+
 class CompactConv:
     """A conv or linear layer and its batch norm (folded in) at test, cut to channels
     `kept_in` in and `kept_out` out. A convolution's output channels are padded with zero
@@ -205,7 +214,15 @@ class CompactConv:
     def per_sample(self, x: SampleChannels, out_index: torch.Tensor) -> torch.Tensor:
         """The convolution of each sample's channels of `x` into its `out_index` ones (of
         the kept outputs): one group per sample, weights gathered per sample; 1 x (batch *
-        n_out) x H x W, as `SampleChannels.values`."""
+        n_out) x H x W, as `SampleChannels.values`. Where the output has fewer than
+        `PER_SAMPLE_MIN_POSITIONS` positions, every kept output of every sample instead,
+        each sample's then picked."""
+        height, width = (1 + (n + 2 * pad - dilation * (k - 1) - 1) // stride for n, k, stride, pad, dilation
+                         in zip(x.values.shape[2:], self.weight.shape[2:], *self.conv.values()))
+        if height * width < PER_SAMPLE_MIN_POSITIONS:
+            every = self(channels_last(x.spread()))
+            picked = every.gather(1, out_index[:, :, None, None].expand(-1, -1, height, width))
+            return channels_last(picked.view(1, -1, height, width))
         inputs = self.weight.shape[1]  # indexed flat: advanced indexing over two dimensions took 5x as long
         pairs = (out_index[:, :, None] * inputs + x.index[:, None, :]).flatten()
         weight = self.weight.flatten(0, 1).index_select(0, pairs).view(-1, x.index.shape[1], *self.weight.shape[2:])

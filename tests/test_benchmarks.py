@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT, load_script
 
-from clbench import models
+from clbench import compact, models
 from clbench.benchmarking import LAYOUT_USERS, layout
 from clbench.models import ModelSpec
 from clbench.registry import get_strategy
@@ -59,6 +59,22 @@ def test_channel_counts_benchmark_writes_its_table(tmp_path):
     assert len(table) == len(channel_counts.SHAPES) * len(channel_counts.OUT_CHANNELS)
     assert set(table.operation) == {"conv", "max_pool", "grouped_conv"}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
+
+
+def test_per_sample_positions_benchmark_writes_its_table(tmp_path, capsys, monkeypatch):
+    positions = benchmark("per_sample_positions")
+    output = tmp_path / "per_sample_positions.csv"
+    positions.main(["--tiny", "--threads", "1", "--allowed", "0.5", "--thresholds", "0", "100", "--output", str(output)])
+    table = pd.read_csv(output)
+    assert list(table.columns) == positions.COLUMNS
+    assert list(table.execution) == ["compact", "per_sample", "per_sample"]
+    assert list(table.threshold.fillna(-1)) == [-1, 0, 100]
+    assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
+    assert "x" in capsys.readouterr().out
+    conv = compact.CompactConv.per_sample
+    monkeypatch.setattr(compact.CompactConv, "per_sample", lambda self, x, index: -conv(self, x, index))
+    with pytest.raises(SystemExit, match="computed something else"):
+        positions.main(["--tiny", "--threads", "1", "--allowed", "0.5", "--output", str(output)])
 
 
 def test_scaling_benchmark_writes_its_table(tmp_path, capsys):

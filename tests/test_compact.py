@@ -10,6 +10,7 @@ from unittest import mock
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import load_script, train_tasks
 from torch import nn
 
@@ -152,6 +153,16 @@ def test_per_sample_channels_run_each_samples_open_channels_where_gates_differ(b
         assert channels.values.shape[1] == len(x) * channels.index.shape[1]
     first_layer = calls[0][2]
     assert first_layer.shape[1] == opened[0], "as many as the most any sample opens"
+    # Grouped by sample on large maps; on maps under PER_SAMPLE_MIN_POSITIONS (ResNet-18's
+    # last stages here) every kept channel, each sample's then picked.
+    with mock.patch("torch.nn.functional.conv2d", wraps=F.conv2d) as conv2d, torch.no_grad():
+        model.forward_with_macs(x, torch.zeros_like(tasks))
+    positions = {call.kwargs.get("groups", 1): [] for call in conv2d.call_args_list}
+    for call in conv2d.call_args_list:
+        positions[call.kwargs.get("groups", 1)].append(call.args[0].shape[2] * call.args[0].shape[3])
+    assert min(positions[len(x)]) >= compact.PER_SAMPLE_MIN_POSITIONS
+    if backbone == "resnet18":
+        assert min(positions[1]) < compact.PER_SAMPLE_MIN_POSITIONS
     one, hat = learned_model("ccgn", backbone, "task"), learned_model("hat", backbone, "task")
     with mock.patch.object(compact.CompactConv, "per_sample", side_effect=AssertionError("per sample")):
         with torch.no_grad():
