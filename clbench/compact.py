@@ -182,9 +182,9 @@ class SampleChannels:
 # A convolution computes each sample's channels (`CompactConv.per_sample`) only from this
 # many output positions on; below, gathering each sample's weights, read once per
 # position, costs more than computing every kept channel. `benchmarks/per_sample_positions.py`
-# (ccgn's ResNet-18, widths 16-64, batch 64, one thread): at 100 (CIFAR's 8 x 8 and 4 x 4
-# stages every kept channel) per-sample channels took 0.96-1.27x the compact path's time
-# over (0.42-1.04x at 0, 0.71-0.98x at 300).
+# (ccgn's ResNet-18 of width 16-64, batch 64, one thread): with 100, where CIFAR's 8 x 8 and
+# 4 x 4 stages compute every kept channel, per-sample channels ran 0.91-1.20 times as fast
+# as one set of channels for the batch; with 0, 0.43-1.11 times; with 300, 0.71-0.92.
 PER_SAMPLE_MIN_POSITIONS = 100
 
 
