@@ -16,7 +16,8 @@ task's path reads the same image, the paths' first layer runs once for all
 
 Where masks differ between samples (ccgn's gates), a path goes further and computes each
 sample's open channels only (`SampleChannels`): one grouped convolution per layer, one
-group per sample, whose weights are gathered for each sample from the path's kept ones.
+group per sample, whose weights are gathered for each sample from the path's kept ones
+(on output maps of at least `PER_SAMPLE_MIN_POSITIONS` positions).
 The samples of a batch open different channels (most of those their task keeps between
 them), so one set of channels for the whole batch saves little over the kept ones.
 
