@@ -23,9 +23,8 @@ from unittest import mock
 import torch
 
 from clbench import compact
-from clbench.benchmarking import (GATED_BACKBONES, RANDOM_GATED_TASKS, best_and_median_ms, interleaved_times,
-                                  machine_columns, machine_line, random_gated_model, torch_threads, write_csv)
-from clbench.models import ModelSpec
+from clbench.benchmarking import (best_and_median_ms, gated_network, interleaved_times, machine_columns, machine_line,
+                                  torch_threads, write_csv)
 
 RESULTS = Path(__file__).parent / "results" / "per_sample_positions.csv"
 COLUMNS = ["backbone", "width", "allowed", "batch", "execution", "threshold", "best_ms", "median_ms",
@@ -60,15 +59,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     args = parser.parse_args(argv)
     widths, batch, rounds = ([4], 8, 2) if args.tiny else (args.widths, 64, args.rounds)
-    shape = GATED_BACKBONES["resnet18"][1]
     rows = []
     with torch_threads(args.threads), torch.no_grad():
         machine = machine_columns()
         for width, allowed in product(widths, args.allowed):
-            torch.manual_seed(0)
-            spec = ModelSpec("resnet18", width, shape, "task", [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)])
-            model = random_gated_model(spec, allowed)
-            x, t = torch.randn(batch, *shape), torch.zeros(batch, dtype=torch.long)
+            _, model, images = gated_network("resnet18", width, "random", "task", allowed=allowed)
+            x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
             runs = executions(model, x, t, args.thresholds)
             (reference, reference_macs), *others = [run() for run in runs.values()]
             for out, macs in others:

@@ -180,11 +180,12 @@ GATED_BACKBONES = {"small_cnn": (32, (1, 28, 28)), "resnet18": (16, (3, 32, 32))
 TINY_WIDTH = 4
 
 
-def gated_network(backbone: str, width: int, gates: str, setting: str,
-                  trained_on: str | None = None) -> tuple[ModelSpec, TaskPathNet, torch.Tensor]:
+def gated_network(backbone: str, width: int, gates: str, setting: str, trained_on: str | None = None,
+                  allowed: float = RANDOM_GATED_ALLOWED) -> tuple[ModelSpec, TaskPathNet, torch.Tensor]:
     """ccgn's network on `backbone`: its spec, the network and 64 inputs. `gates`
     "trained": the small CNN trained on `trained_on` (`trained_gated_model`), with test
-    images of the first task; "random": `random_gated_model`, with random inputs."""
+    images of the first task; "random": `random_gated_model` (each task `allowed` that
+    share of every layer's kernels), with random inputs."""
     torch.manual_seed(0)
     if gates == "trained":
         with tempfile.TemporaryDirectory() as folder:
@@ -192,7 +193,7 @@ def gated_network(backbone: str, width: int, gates: str, setting: str,
         return spec, model, images
     shape = GATED_BACKBONES[backbone][1]
     spec = ModelSpec(backbone, width, shape, setting, [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)])
-    return spec, random_gated_model(spec), torch.randn(64, *shape)
+    return spec, random_gated_model(spec, allowed), torch.randn(64, *shape)
 
 
 def gated_networks(tiny: bool, trained_on: str):
