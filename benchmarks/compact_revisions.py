@@ -48,15 +48,9 @@ def compact_at(revision: str) -> tuple[types.ModuleType, str]:
     commit = git("rev-parse", "--verify", f"{revision}^{{commit}}").strip()
     module = sys.modules[f"compact_at_{commit}"] = types.ModuleType(f"compact_at_{commit}")  # dataclasses look it up
     exec(compile(git("show", f"{commit}:clbench/compact.py"), f"{commit}:clbench/compact.py", "exec"), module.__dict__)
-    if not hasattr(module, "run_learned_paths"):  # before the class setting shared the first layer
-        def run_learned_paths(paths, x, stages):
-            features, logits, macs = zip(*(path.features_and_logits(x, stages) for path in paths))
-            return list(features), list(logits), sum(macs)
-        module.run_learned_paths = run_learned_paths
-    if not hasattr(module, "kernel_state"):  # before the kernels were checked once for every path
-        is_current = module.CompactPath.is_current
-        module.kernel_state = lambda model: None
-        module.CompactPath.is_current = lambda path, kernels: is_current(path)
+    if not hasattr(module, "keeps_any"):
+        raise SystemExit(f"clbench/compact.py at {revision!r} cuts a path for one task, which the masked layers of "
+                         "this checkout no longer take; compare with a commit that cuts paths for several tasks")
     return module, commit
 
 

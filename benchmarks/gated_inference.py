@@ -7,8 +7,10 @@ sample's open channels only (`per_sample`; clbench's default at test from a batc
 timed here at a batch of 1 too). Task setting (a
 batch of one task, through its path) and class setting (every learned task's path and the
 task classifier), batch 1 and 64, small CNN (Split MNIST's input) and a reduced-width
-ResNet-18 (CIFAR's input). In the class setting also the dense backbone run once per
-learned task (`dense_every_path`), what running every path densely would cost.
+ResNet-18 (CIFAR's input). In the class setting also every learned task's compact path run
+as one on the batch repeated once per task (`stacked`; clbench's default there up to
+`TaskPathNet.stacked_paths_max_batch`, timed here at a batch of 64 too), and the dense backbone run
+once per learned task (`dense_every_path`), what running every path densely would cost.
 
 Two kinds of gates (column `gates`). `trained`: the small CNN as ccgn learns it, trained
 by `clbench run` on the embedded Split MNIST (`--trained-on`, 1 epoch per task, seed 0,
@@ -83,9 +85,11 @@ def gate_usage(gated: TaskPathNet, x: torch.Tensor) -> tuple[str, str]:
 def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Tensor) -> tuple[dict, dict]:
     """The ways to run a batch, and the MACs per sample clbench counts for each."""
     dense = build_model(spec).eval()
-    unpadded, per_sample = copy.deepcopy(gated), copy.deepcopy(gated)
+    gated.stacked_paths_max_batch = 0  # each path on its own, at every batch size
+    unpadded, per_sample, stacked = copy.deepcopy(gated), copy.deepcopy(gated), copy.deepcopy(gated)
     unpadded.per_sample_channels = False
     per_sample.per_sample_from_batch = 1  # at a batch of one too, where clbench computes the kept channels
+    stacked.stacked_paths_max_batch = len(x)  # at every batch size, where clbench stacks small batches
     with mock.patch.object(compact, "CHANNEL_MULTIPLE", 1):
         unpadded.forward_with_macs(x, t)  # cut, and kept until the model changes, which it does not here
 
@@ -103,6 +107,8 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
     executed = gated.forward_with_macs(x, t)[1].float().mean().item()
     macs = {"dense": dense_macs(dense, x[:1], t[:1]), **{name: executed for name in runs if name != "dense"}}
     if spec.setting == "class":  # what the gated network must beat there: every learned path run densely
+        runs["stacked"] = lambda: stacked.forward_with_macs(x, t)
+        macs["stacked"] = executed
         runs["dense_every_path"] = lambda: [dense(x) for _ in range(gated.tasks_learned)]
         macs["dense_every_path"] = gated.tasks_learned * macs["dense"]
     return runs, macs

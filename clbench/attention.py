@@ -31,7 +31,7 @@ class AttentionLayer(PathLayer):
         self.register_buffer("cumulative", torch.zeros(self.out_units))
         self.register_buffer("cumulative_in", torch.zeros(self.in_units))
 
-    def attention(self, task: int, s: float) -> torch.Tensor:
+    def attention(self, task: int | list[int], s: float) -> torch.Tensor:
         return torch.sigmoid(s * self.embedding.weight[task])
 
     def mask(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
@@ -40,10 +40,10 @@ class AttentionLayer(PathLayer):
     def kept_channels(self, task: int) -> torch.Tensor:
         return self.attention(task, self.s_max) > 0
 
-    def compact_mask(self, task: int, kept_in: torch.Tensor, kept_out: torch.Tensor) -> Callable:
+    def compact_mask(self, tasks: tuple[int, ...], kept_in: torch.Tensor, kept_out: torch.Tensor) -> Callable:
         # Not exactly binary: sigmoid(s_max e) is fractional where s_max |e| is small.
-        values = self.attention(task, self.s_max).detach()[kept_out]
-        return lambda x: values.expand(len(x), -1)
+        values = self.attention(list(tasks), self.s_max).detach()[:, kept_out]  # 0 on a task's channels not kept
+        return lambda x: values.repeat_interleave(len(x) // len(tasks), 0)
 
     def mask_modules(self, task: int) -> list[nn.Module]:
         return [self.embedding]

@@ -30,7 +30,7 @@ unseen; clbench makes none.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable
 
@@ -42,11 +42,15 @@ from clbench.models import channels_last
 from clbench.path_network import PathBasicBlock, PathLayer, PathResNet18, PathSmallCNN, TaskPathNet
 
 
-def kept(layer: PathLayer, task: int) -> torch.Tensor:
-    """Indices of the output channels `task` keeps in `layer`; where it keeps none,
-    channel 0, which `CompactLayer` keeps closed (convolutions, pooling and batch norm
-    need a channel)."""
-    index = layer.kept_channels(task).nonzero().flatten()
+def keeps_any(layer: PathLayer, tasks: tuple[int, ...]) -> torch.Tensor:
+    return torch.stack([layer.kept_channels(task) for task in tasks]).any(0)
+
+
+def kept(layer: PathLayer, tasks: tuple[int, ...]) -> torch.Tensor:
+    """Indices of the output channels any of `tasks` keeps in `layer`; where they keep
+    none, channel 0, which `CompactLayer` keeps closed (convolutions, pooling and batch
+    norm need a channel)."""
+    index = keeps_any(layer, tasks).nonzero().flatten()
     return index if len(index) else index.new_zeros(1)
 
 
@@ -232,14 +236,14 @@ class CompactConv:
 
 
 class CompactLayer:
-    """A `PathLayer` cut to the channels one task keeps (`kept` of `out_units`), masked by
-    that task's mask at test."""
+    """A `PathLayer` cut to the channels its tasks keep (`kept` of `out_units`), masked by
+    their masks at test (`PathLayer.compact_mask`)."""
 
-    def __init__(self, layer: PathLayer, task: int, kept_in: torch.Tensor, kept_out: torch.Tensor):
+    def __init__(self, layer: PathLayer, tasks: tuple[int, ...], kept_in: torch.Tensor, kept_out: torch.Tensor):
         self.kept, self.out_units = kept_out, layer.out_units
         self.conv = CompactConv(layer.layer, layer.norm, kept_in, kept_out)
-        if layer.kept_channels(task).any():
-            self.mask = layer.compact_mask(task, kept_in, kept_out)
+        if keeps_any(layer, tasks).any():
+            self.mask = layer.compact_mask(tasks, kept_in, kept_out)
         else:
             self.mask = lambda x: x.new_zeros(len(x), 1)
         self.kernel = layer.layer.weight[0].numel() // layer.in_units
@@ -302,9 +306,9 @@ def pool_and_relu(x: torch.Tensor) -> torch.Tensor:
 
 
 class CompactSmallCNN:
-    """`PathSmallCNN` cut to one task's channels."""
+    """`PathSmallCNN` cut to its tasks' channels."""
 
-    def __init__(self, network: PathSmallCNN, task: int):
+    def __init__(self, network: PathSmallCNN, tasks: tuple[int, ...]):
         self.in_channels, self.spatial = network.in_channels, network.spatial_after_convs
         device = network.layers[0].layer.weight.device
         kept_in = torch.arange(self.in_channels, device=device)
@@ -312,8 +316,8 @@ class CompactSmallCNN:
         for index, layer in enumerate(network.layers):
             if index == 2:  # flattened: channel c's features are c * spatial + position
                 kept_in = (kept_in[:, None] * self.spatial + torch.arange(self.spatial, device=device)).flatten()
-            kept_out = kept(layer, task)
-            self.layers.append(CompactLayer(layer, task, kept_in, kept_out))
+            kept_out = kept(layer, tasks)
+            self.layers.append(CompactLayer(layer, tasks, kept_in, kept_out))
             kept_in = kept_out
         self.kept = kept_in
 
@@ -365,14 +369,14 @@ def positions_among(channels: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
 
 
 class CompactBlock:
-    """`PathBasicBlock` cut to one task's channels, given those its input keeps; its
+    """`PathBasicBlock` cut to its tasks' channels, given those its input keeps; its
     output holds channels `kept` of `out_units`."""
 
-    def __init__(self, block: PathBasicBlock, task: int, kept_in: torch.Tensor):
+    def __init__(self, block: PathBasicBlock, tasks: tuple[int, ...], kept_in: torch.Tensor):
         self.out_units = block.conv2.out_units
-        middle, out = kept(block.conv1, task), kept(block.conv2, task)
-        self.conv1 = CompactLayer(block.conv1, task, kept_in, middle)
-        self.conv2 = CompactLayer(block.conv2, task, middle, out)
+        middle, out = kept(block.conv1, tasks), kept(block.conv2, tasks)
+        self.conv1 = CompactLayer(block.conv1, tasks, kept_in, middle)
+        self.conv2 = CompactLayer(block.conv2, tasks, middle, out)
         self.shortcut = None if block.conv2.tied is None else CompactConv(*block.conv2.tied, kept_in, out)
         self.kept = out
         if self.shortcut is None:  # identity: a channel is kept where either side keeps it
@@ -409,16 +413,16 @@ class CompactBlock:
 
 
 class CompactResNet18:
-    """`PathResNet18` cut to one task's channels; `layers`: its `CompactLayer`s in forward
+    """`PathResNet18` cut to its tasks' channels; `layers`: its `CompactLayer`s in forward
     order, as `CompactSmallCNN.layers`."""
 
-    def __init__(self, network: PathResNet18, task: int):
+    def __init__(self, network: PathResNet18, tasks: tuple[int, ...]):
         self.in_channels = network.in_channels
         all_inputs = torch.arange(self.in_channels, device=network.stem.layer.weight.device)
-        self.stem = CompactLayer(network.stem, task, all_inputs, kept(network.stem, task))
+        self.stem = CompactLayer(network.stem, tasks, all_inputs, kept(network.stem, tasks))
         self.blocks, kept_in = [], self.stem.kept
         for block in network.blocks:
-            self.blocks.append(CompactBlock(block, task, kept_in))
+            self.blocks.append(CompactBlock(block, tasks, kept_in))
             kept_in = self.blocks[-1].kept
         self.kept = kept_in
         self.layers = [self.stem] + [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
@@ -487,19 +491,20 @@ def kernel_state(model: TaskPathNet) -> list[tuple[int, int]]:
 
 
 class CompactPath:
-    """One task's compact path and head, the head's inputs cut to the features the path
-    keeps; `is_current(kernel_state(model))` tells whether it still matches the network it
-    was cut from."""
+    """A compact path and head: one task's, or several tasks' run as one (`stacked`); the
+    heads' inputs cut to the features the path keeps. `is_current(kernel_state(model))`
+    tells whether it still matches the network it was cut from."""
 
-    def __init__(self, model: TaskPathNet, task: int):
-        head = model.heads[task]
-        self.own_sources = [m for layer in model.path_layers for m in layer.mask_modules(task)] + [head]
+    def __init__(self, model: TaskPathNet, tasks: tuple[int, ...]):
+        self.tasks = tasks
+        heads = [model.heads[task] for task in tasks]
+        self.own_sources = [m for layer in model.path_layers for task in tasks for m in layer.mask_modules(task)] + heads
         kernels = kernel_modules(model)
         self.kernel_state = tensor_state(tensors_of(kernels))
         self.own_state = tensor_state(tensors_of(self.own_sources))
         # Held, so that no tensor made later can take these storage addresses.
         self.storage = [t.detach() for t in tensors_of(kernels + self.own_sources)]
-        self.backbone = COMPACT_BACKBONES[type(model.backbone)](model.backbone, task)
+        self.backbone = COMPACT_BACKBONES[type(model.backbone)](model.backbone, tasks)
         # With `TaskPathNet.compile_compact`, torch.compile fuses the path's many small
         # operations (the gates', the mask multiplications) into fewer kernels, on its
         # first pass at each batch size (seconds to minutes; a C++ compiler on CPU).
@@ -507,33 +512,57 @@ class CompactPath:
         # Per-sample channels where masks differ between samples; not compiled (the
         # number of channels a batch opens changes the shapes).
         self.varies = any(layer.masks_per_sample for layer in model.path_layers) and not model.compile_compact
-        self.head = head.weight.detach()[:, self.backbone.kept], head.bias.detach()
-        self.head_macs = head.in_features * head.out_features
+        self.heads = [(head.weight.detach()[:, self.backbone.kept], head.bias.detach()) for head in heads]
+        self.head_macs = sum(head.in_features * head.out_features for head in heads)
         self.out_features = model.backbone.out_features
         self.first_layer = model.path_layers[0]
-        self.shared_first = None  # (the paths, their SharedFirstLayer), set by `run_learned_paths`
+        self.shared_first = None  # (the paths, their SharedFirstLayer), set by `run_learned_paths` or `stacked`
 
     def is_current(self, kernels: list[tuple[int, int]]) -> bool:
         """Whether the path matches its network, whose `kernel_state` is `kernels`."""
         return kernels == self.kernel_state and tensor_state(tensors_of(self.own_sources)) == self.own_state
 
     def __call__(self, x: torch.Tensor, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits and MACs per sample; with `per_sample`, where masks differ between
-        samples, each sample's open channels computed only (`SampleChannels`)."""
+        """One task's logits and MACs per sample; with `per_sample`, where masks differ
+        between samples, each sample's open channels computed only (`SampleChannels`)."""
         features, macs = self.run_backbone(x, per_sample=per_sample and self.varies)
-        return F.linear(features, *self.head), macs + self.head_macs
+        return F.linear(features, *self.heads[0]), macs + self.head_macs
 
     def features_and_logits(self, x: torch.Tensor, stages: bool = False, first: SharedOutput | None = None,
                             per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The path's features (all of them, those cut away zero), or with `stages` every
+        """One task's features (all of them, those cut away zero), or with `stages` every
         stage's output averaged over positions (`PathTrace.stages`); logits and MACs per
         sample. With `first`, the first layer's output comes from there; `per_sample` as
         in a call."""
         pooled = [] if stages else None
         features, macs = self.run_backbone(x, pooled, first, per_sample and self.varies)
-        logits = F.linear(features, *self.head)
-        read = torch.cat(pooled, 1) if stages else widen(features, self.backbone.kept, self.out_features)
-        return read, logits, macs + self.head_macs
+        logits = F.linear(features, *self.heads[0])
+        return self.read(features, pooled), logits, macs + self.head_macs
+
+    def stacked(self, x: torch.Tensor, stages: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Every task's path as one, on `x` repeated once per task: the paths' convolutions
+        over the union of the channels the tasks keep, each chunk masked by its task's
+        masks (`PathLayer.compact_mask`), the first one computed once (`SharedFirstLayer`)
+        and then repeated; what each task's features give the task
+        classifier (as `features_and_logits`), each task's logits, and the MACs per sample
+        of all, each path's counted as it alone would be. A few large operations instead of
+        each path's many small ones: faster on small batches (README, Benchmarks)."""
+        def repeated(tensor: torch.Tensor) -> torch.Tensor:  # `repeat` would lose the channels-last layout
+            return torch.cat([tensor] * len(self.tasks))
+
+        if self.shared_first is None:
+            self.shared_first = [self], SharedFirstLayer(self.first_layer, [self])
+        first = self.shared_first[1](x)
+        pooled = [] if stages else None
+        features, macs = self.run_backbone(repeated(x), pooled, replace(first, out=repeated(first.out)))
+        chunks = features.chunk(len(self.tasks))
+        logits = [F.linear(chunk, *head) for chunk, head in zip(chunks, self.heads)]
+        return list(self.read(features, pooled).chunk(len(self.tasks))), logits, \
+            macs.view(len(self.tasks), -1).sum(0) + self.head_macs
+
+    def read(self, features: torch.Tensor, pooled: list[torch.Tensor] | None) -> torch.Tensor:
+        """What the task classifier reads: the stages' outputs, or the features."""
+        return torch.cat(pooled, 1) if pooled is not None else widen(features, self.backbone.kept, self.out_features)
 
 
 @dataclass

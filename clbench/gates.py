@@ -58,8 +58,8 @@ class GatedLayer(PathLayer):
     def kept_channels(self, task: int) -> torch.Tensor:
         return self.allowed[task]
 
-    def compact_mask(self, task: int, kept_in: torch.Tensor, kept_out: torch.Tensor) -> CompactGate:
-        return CompactGate(self.gates[task], kept_in, kept_out)
+    def compact_mask(self, tasks: tuple[int, ...], kept_in: torch.Tensor, kept_out: torch.Tensor) -> CompactGate:
+        return CompactGate([self.gates[task] for task in tasks], self.allowed[list(tasks)][:, kept_out], kept_in, kept_out)
 
     def mask_modules(self, task: int) -> list[nn.Module]:
         return [self, *self.gates[task].modules()]  # self: `allowed`
@@ -90,19 +90,31 @@ class GatedLayer(PathLayer):
 
 
 class CompactGate:
-    """A task's gating module at test, reading only the kept input channels (the others
-    are exactly zero, so their pooled value is too) and deciding only the kept kernels
-    (all of them allowed, so no `allowed` check is left); its batch norm folded into the
-    first layer."""
+    """Tasks' gating modules at test, on a batch of one equal chunk per task (chunk k
+    through the k-th module), stacked into one batched matrix product per layer. They read
+    only the kept input channels (the others are exactly zero, so their pooled value is
+    too) and decide only the kept kernels, closed where the chunk's task may not open
+    them (`allowed`, none where each task is allowed all: a path of one task); each batch
+    norm folded into its module's first layer."""
 
-    def __init__(self, gate: nn.Sequential, kept_in: torch.Tensor, kept_out: torch.Tensor):
-        first, norm, _, last = gate
-        self.first = folded(first.weight.detach()[:, kept_in], first.bias.detach(), norm, slice(None))
-        self.last = last.weight.detach()[kept_out], last.bias.detach()[kept_out]
+    def __init__(self, gates: list[nn.Sequential], allowed: torch.Tensor, kept_in: torch.Tensor,
+                 kept_out: torch.Tensor):
+        firsts = [folded(first.weight.detach()[:, kept_in], first.bias.detach(), norm, slice(None))
+                  for first, norm, _, _ in gates]
+        self.first = torch.stack([w.t() for w, _ in firsts]), torch.stack([b for _, b in firsts])[:, None]
+        lasts = [gate[-1] for gate in gates]
+        self.last = (torch.stack([last.weight.detach()[kept_out].t() for last in lasts]),
+                     torch.stack([last.bias.detach()[kept_out] for last in lasts])[:, None])
+        self.allowed = None if allowed.all() else allowed[:, None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.relu(F.linear(x.mean((2, 3)) if x.dim() == 4 else x, *self.first))
-        return (F.linear(hidden, *self.last) > 0).to(x.dtype)
+        pooled = x.mean((2, 3)) if x.dim() == 4 else x
+        weight, bias = self.first
+        hidden = F.relu(torch.baddbmm(bias, pooled.view(len(weight), -1, pooled.shape[1]), weight))
+        gates = torch.baddbmm(self.last[1], hidden, self.last[0]) > 0
+        if self.allowed is not None:
+            gates &= self.allowed
+        return gates.flatten(0, 1).to(x.dtype)
 
 
 def _constructor_args(module: nn.Module) -> tuple:

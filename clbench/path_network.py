@@ -31,6 +31,8 @@ CLASSIFIER_HIDDEN = 64
 # Class setting: scores of tasks the task classifier did not pick are lowered by this much
 # (see TaskPathNet.class_scores).
 OFF_TASK_PENALTY = 1e4
+# The key in `TaskPathNet._compact_paths` of the class setting's paths run as one (`stacks_paths`).
+STACKED = "learned tasks"
 
 
 class FreezableBatchNorm2d(nn.BatchNorm2d):
@@ -116,9 +118,11 @@ class PathLayer(nn.Module):
         its compact path (`clbench.compact`) computes."""
         raise NotImplementedError
 
-    def compact_mask(self, task: int, kept_in: torch.Tensor, kept_out: torch.Tensor) -> Callable:
-        """Task `task`'s mask at test for a layer cut to the input and output channels
-        indexed by `kept_in` and `kept_out`: a function of its (cut) input, batch x kept."""
+    def compact_mask(self, tasks: tuple[int, ...], kept_in: torch.Tensor, kept_out: torch.Tensor) -> Callable:
+        """The mask at test for a layer cut to the input and output channels indexed by
+        `kept_in` and `kept_out`, of a batch of len(tasks) equal chunks, chunk k through
+        task tasks[k]'s path: a function of the layer's (cut) input, batch x kept. A
+        channel kept but not kept by a chunk's task is closed there."""
         raise NotImplementedError
 
     def mask_modules(self, task: int) -> list[nn.Module]:
@@ -273,9 +277,10 @@ class TaskPathNet(MultiTaskModule):
     """
 
     compact_inference = True  # False: the masked layers at test too (a benchmark's baseline)
+    stacked_paths_max_batch = 4  # class setting: the largest batch for which the paths run as one (`stacks_paths`)
     compile_compact = False  # True: compact paths compiled by torch.compile (`clbench.compact.CompactPath`)
     per_sample_channels = True  # False: compact paths compute the same channels for every sample of a batch
-    per_sample_from_batch = 2  # the smallest batch for which they compute each sample's (`runs_per_sample`)
+    per_sample_from_batch = 16  # the smallest batch for which they compute each sample's (`runs_per_sample`)
     normalise_task_features = False  # set by the strategy's classifier_input
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec, classifier_layers: str = "last"):
@@ -288,7 +293,7 @@ class TaskPathNet(MultiTaskModule):
         self.heads = nn.ModuleList(nn.Linear(backbone.out_features, len(c)) for c in spec.task_classes)
         self.max_class_label = max(len(c) for c in spec.task_classes)
         self.tasks_learned = 0
-        self._compact_paths = {}  # task -> CompactPath, rebuilt when out of date
+        self._compact_paths = {}  # task (or STACKED) -> CompactPath, rebuilt when out of date
         self.classifier_reads_stages = classifier_layers == "all"
         self.task_features = backbone.stage_features if self.classifier_reads_stages else backbone.out_features
         if spec.setting == "class":
@@ -324,21 +329,32 @@ class TaskPathNet(MultiTaskModule):
     def runs_per_sample(self, x: torch.Tensor) -> bool:
         """Whether compact paths compute each sample's open channels, where masks differ
         between samples (`clbench.compact.SampleChannels`): for batches of at least
-        `per_sample_from_batch`. One image's open channels, unpadded, took longer than the
-        kept ones padded (README, Benchmarks)."""
+        `per_sample_from_batch`. On smaller batches, and on ResNet-18 at any batch up to 64,
+        computing the kept channels, padded, took less time (`benchmarks/batch_thresholds.py`)."""
         return self.per_sample_channels and len(x) >= self.per_sample_from_batch
 
-    def compact_paths(self, tasks: Iterable[int]) -> list[CompactPath]:
-        """The tasks' compact paths, each rebuilt whenever a tensor it was cut from has
-        changed; the kernels, which every path is cut from, are checked once for all."""
+    def stacks_paths(self, x: torch.Tensor) -> bool:
+        """Whether the class setting's compact paths run as one, on the batch repeated
+        once per learned task (`clbench.compact.CompactPath.stacked`): for batches of at
+        most `stacked_paths_max_batch`, where the many small operations of separate paths
+        cost more than the channels they skip save (`benchmarks/batch_thresholds.py`)."""
+        return self.tasks_learned > 1 and len(x) <= self.stacked_paths_max_batch
+
+    def compact_paths(self, task_sets: Iterable[tuple[int, ...]]) -> list[CompactPath]:
+        """A compact path for each set of tasks (one task's, or several run as one),
+        rebuilt whenever a tensor it was cut from has changed; the kernels, which every
+        path is cut from, are checked once for all. One path of several tasks is kept at
+        a time, as only the learned tasks run together."""
         from clbench.compact import CompactPath, kernel_state  # built on this module's classes
 
-        kernels = kernel_state(self)
-        for task in tasks:
-            path = self._compact_paths.get(task)
-            if path is None or not path.is_current(kernels):
-                self._compact_paths[task] = CompactPath(self, task)
-        return [self._compact_paths[task] for task in tasks]
+        kernels, paths = kernel_state(self), []
+        for tasks in task_sets:
+            key = tasks[0] if len(tasks) == 1 else STACKED
+            path = self._compact_paths.get(key)
+            if path is None or path.tasks != tasks or not path.is_current(kernels):
+                self._compact_paths[key] = path = CompactPath(self, tasks)
+            paths.append(path)
+        return paths
 
     def __getstate__(self) -> dict:
         """Checkpoints and copies leave out the compact paths, which are rebuilt on use."""
@@ -348,7 +364,7 @@ class TaskPathNet(MultiTaskModule):
         """Logits of one task's path and head, and the MACs each sample executed: the
         compact path where `runs_compact()`, else the masked one."""
         if self.runs_compact():
-            return self.compact_paths([task])[0](x, self.runs_per_sample(x))
+            return self.compact_paths([(task,)])[0](x, self.runs_per_sample(x))
         logits, trace = self.forward_path(x, task)
         return logits, trace.macs
 
@@ -380,7 +396,10 @@ class TaskPathNet(MultiTaskModule):
         if self.runs_compact():
             from clbench.compact import run_learned_paths
 
-            return run_learned_paths(self.compact_paths(tasks), x, self.classifier_reads_stages, self.runs_per_sample(x))
+            if self.stacks_paths(x):
+                return self.compact_paths([tuple(tasks)])[0].stacked(x, self.classifier_reads_stages)
+            paths = self.compact_paths([(task,) for task in tasks])
+            return run_learned_paths(paths, x, self.classifier_reads_stages, self.runs_per_sample(x))
         read, logits, macs = [], [], 0
         for task in tasks:
             trace = PathTrace()
@@ -412,10 +431,13 @@ class TaskPathNet(MultiTaskModule):
         (the oracle prediction); classes of tasks not learned yet score -inf."""
         features, logits, macs = self.learned_paths(x)
         picked = self.classify_task(torch.cat(features, 1)).argmax(1)
-        scores = torch.full((len(x), self.n_classes), -torch.inf, device=x.device)
-        for task, task_logits in enumerate(logits):
-            penalty = OFF_TASK_PENALTY * (picked != task).to(x.dtype)
-            scores[:, self.task_classes[task]] = F.log_softmax(task_logits, 1) - penalty[:, None]
+        classes = self.task_classes[:len(logits)]
+        columns = torch.tensor([c for task_classes in classes for c in task_classes], device=x.device)
+        column_task = torch.tensor([task for task, task_classes in enumerate(classes) for _ in task_classes],
+                                   device=x.device)
+        penalty = OFF_TASK_PENALTY * (picked[:, None] != column_task).to(x.dtype)
+        learned = torch.cat([F.log_softmax(task_logits, 1) for task_logits in logits], 1) - penalty
+        scores = torch.full((len(x), self.n_classes), -torch.inf, device=x.device).index_copy_(1, columns, learned)
         layers = [m for m in self.task_classifier if isinstance(m, nn.Linear)]
         return scores, macs + sum(layer.in_features * layer.out_features for layer in layers)
 

@@ -77,6 +77,31 @@ def test_per_sample_positions_benchmark_writes_its_table(tmp_path, capsys, monke
         positions.main(["--tiny", "--threads", "1", "--allowed", "0.5", "--output", str(output)])
 
 
+def test_batch_thresholds_benchmark_writes_its_table(tiny_scenario, tmp_path, capsys, monkeypatch):
+    thresholds = benchmark("batch_thresholds")
+    output = tmp_path / "batch_thresholds.csv"
+    arguments = ["--tiny", "--threads", "1", "--trained-on", tiny_scenario, "--output", str(output)]
+    thresholds.main([*arguments, "--batches", "1", "4"])
+    table = pd.read_csv(output)
+    assert list(table.columns) == thresholds.COLUMNS
+    assert len(table) == len(thresholds.NETWORKS) * 2 * (3 + 4)
+    assert set(table.query("setting == 'task'").execution) == {"kept", "per_sample", "dense"}
+    assert set(table.query("setting == 'class'").execution) == {"kept", "per_sample", "stacked", "dense_every_path"}
+    assert set(table.batch) == {1, 4}
+    assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
+    assert "over dense" in capsys.readouterr().out
+    from clbench.compact import CompactPath
+    run_stacked = CompactPath.stacked
+
+    def negated_logits(path, x, stages):
+        read, logits, macs = run_stacked(path, x, stages)
+        return read, [-chunk for chunk in logits], macs
+
+    monkeypatch.setattr(CompactPath, "stacked", negated_logits)
+    with pytest.raises(SystemExit, match="computed different things"):
+        thresholds.main([*arguments, "--batches", "2"])
+
+
 def test_scaling_benchmark_writes_its_table(tmp_path, capsys):
     scaling = benchmark("scaling")
     output = tmp_path / "scaling.csv"
@@ -156,6 +181,10 @@ def test_compact_revisions_benchmark_times_this_checkout_against_a_commit(tmp_pa
     assert len(table) == 3 * 2 * 2 and (table.ratio_best > 0).all()
     with pytest.raises(SystemExit, match="cannot read clbench/compact.py"):
         revisions.main(["--tiny", "--against", "no-such-revision", "--output", str(output)])
+    one_task_paths = "0e95ba2"  # the last commit whose compact paths each served one task
+    if not subprocess.run(["git", "cat-file", "-e", f"{one_task_paths}^{{commit}}"], cwd=ROOT).returncode:
+        with pytest.raises(SystemExit, match="cuts a path for one task"):
+            revisions.main(["--tiny", "--against", one_task_paths, "--output", str(output)])
     # A checkout whose compact paths count other MACs is refused, not timed.
     from clbench import compact
     total = compact.MacCount.total

@@ -19,6 +19,7 @@ from clbench.compact import CHANNEL_MULTIPLE
 from clbench.config import RunConfig
 from clbench.gates import GatedLayer
 from clbench.models import ModelSpec
+from clbench.path_network import OFF_TASK_PENALTY, STACKED
 from clbench.registry import get_strategy
 from clbench.runner import run
 
@@ -75,6 +76,15 @@ def compact_and_masked(model, x, tasks):
     return compact, masked
 
 
+@torch.no_grad()
+def change_task_mask(layer, task: int) -> None:
+    """Change `task`'s mask in `layer`: ccgn's gating module, or HAT's embedding."""
+    if isinstance(layer, GatedLayer):
+        layer.gates[task][0].weight.mul_(2)
+    else:
+        layer.embedding.weight[task].neg_()
+
+
 @pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("setting", ["task", "class"])
 @pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
@@ -82,11 +92,11 @@ def compact_and_masked(model, x, tasks):
 def test_compact_paths_compute_what_the_masked_layers_do(strategy, backbone, setting, per_sample):
     """Outputs within float tolerance and the same MACs per sample, in a batch whose
     samples open different channels (ccgn) and in the class setting, where every learned
-    task's path runs; and the paths are smaller than the network. Computing each sample's
-    open channels (`per_sample_channels`, ccgn's from a batch of 2) or one set for the
-    batch alike."""
+    task's path runs (each on its own here; as one: `test_stacked_paths_...`); and the
+    paths are smaller than the network. Computing each sample's open channels
+    (`per_sample_channels`, ccgn's from a batch of 2) or one set for the batch alike."""
     model = learned_model(strategy, backbone, setting)
-    model.per_sample_channels = per_sample
+    model.per_sample_channels, model.per_sample_from_batch, model.stacked_paths_max_batch = per_sample, 2, 0
     x, tasks = inputs()
     (compact, compact_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
     assert torch.allclose(compact, masked, atol=1e-5)
@@ -108,10 +118,13 @@ def test_compact_paths_compute_what_the_masked_layers_do(strategy, backbone, set
         assert ((fractional > 0) & (fractional < 1)).any(), "some attention should be fractional"
 
 
+@pytest.mark.parametrize("stacked", [True, False])
 @pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
 @pytest.mark.parametrize("strategy", ["ccgn", "hat_tc"])
-def test_compact_paths_give_a_task_classifier_reading_every_stage_what_the_masked_layers_do(strategy, backbone):
+def test_compact_paths_give_a_task_classifier_reading_every_stage_what_the_masked_layers_do(strategy, backbone,
+                                                                                           stacked):
     model = learned_model(strategy, backbone, "class", {"classifier_layers": "all"})
+    model.stacked_paths_max_batch = 100 if stacked else 0
     x, tasks = inputs()
     with torch.no_grad():
         compact_read, _, _ = model.learned_paths(x)
@@ -126,13 +139,69 @@ def test_compact_paths_give_a_task_classifier_reading_every_stage_what_the_maske
 
 
 @pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("strategy", ["ccgn", "hat"])
+def test_stacked_paths_compute_what_the_masked_layers_do(strategy, backbone):
+    """The class setting's paths run as one up to `stacked_paths_max_batch`: the union
+    of the tasks' channels, each chunk masked by its own task (ccgn's gates closed on
+    what the task may not open), and each path's MACs as the masked layers count them;
+    rebuilt when one task's mask changes, and when another task is learned. Above that
+    batch size, each path runs on its own."""
+    model = learned_model(strategy, backbone, "class")
+    x, tasks = inputs()
+    model.stacked_paths_max_batch = len(x)
+    (stacked, stacked_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
+    assert torch.allclose(stacked, masked, atol=1e-5)
+    assert torch.equal(stacked_macs, masked_macs)
+    path = model._compact_paths[STACKED]
+    assert list(model._compact_paths) == [STACKED] and path.tasks == (0, 1)
+    for layer, cut in zip(model.path_layers, path.backbone.layers):
+        union = layer.kept_channels(0) | layer.kept_channels(1)
+        assert torch.equal(cut.kept, union.nonzero().flatten())
+    assert any(len(cut.kept) < layer.out_units for cut, layer in zip(path.backbone.layers, model.path_layers))
+    change_task_mask(model.path_layers[2], 1)
+    (stacked, _), (masked, _) = compact_and_masked(model, x, tasks)
+    assert torch.allclose(stacked, masked, atol=1e-5)
+    assert model._compact_paths[STACKED] is not path
+    model.tasks_learned = 3  # no tensor changed
+    (stacked, stacked_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
+    assert torch.allclose(stacked, masked, atol=1e-5) and torch.equal(stacked_macs, masked_macs)
+    assert model._compact_paths[STACKED].tasks == (0, 1, 2)
+    model.stacked_paths_max_batch = len(x) - 1
+    compact_and_masked(model, x, tasks)
+    assert sorted(key for key in model._compact_paths if key != STACKED) == [0, 1, 2]
+
+
+def test_class_scores_are_each_tasks_log_softmax_lowered_where_the_task_classifier_picked_another():
+    """Each learned task's classes (in any order of class ids) score its head's
+    log-softmax, lowered by OFF_TASK_PENALTY for the samples whose picked task is
+    another; the classes of tasks not learned yet score -inf."""
+    model = learned_model("ccgn", "small_cnn", "class")
+    model.task_classes = [[3, 0], [5, 1], [2, 4]]
+    x, _ = inputs()
+    with torch.no_grad():
+        features, _, _ = model.learned_paths(x)
+        margin = model.classify_task(torch.cat(features, 1)).diff(dim=1).squeeze(1)  # task 1's logit over task 0's
+        model.task_classifier[-1].bias[0] += margin.median()  # about half the samples pick each
+        scores, _ = model.forward_with_macs(x, torch.zeros(len(x), dtype=torch.long))
+        features, logits, _ = model.learned_paths(x)
+        picked = model.classify_task(torch.cat(features, 1)).argmax(1)
+    assert set(picked.tolist()) == {0, 1}, "the samples should pick both learned tasks"
+    for task, classes in enumerate(model.task_classes[:2]):
+        lowered = OFF_TASK_PENALTY * (picked != task).float()
+        assert torch.allclose(scores[:, classes], F.log_softmax(logits[task], 1) - lowered[:, None])
+    assert torch.isneginf(scores[:, model.task_classes[2]]).all()
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
 def test_per_sample_channels_run_each_samples_open_channels_where_gates_differ(backbone):
-    """ccgn at a batch of several: every convolution reads and computes per sample only
-    channels that sample's gates opened, as many as the most any sample opens (not all
-    the task keeps), and gives the masked layers' outputs; a batch of one, and HAT, whose
-    masks are the same for every sample, run the kept channels instead."""
+    """ccgn from a batch of `per_sample_from_batch`: every convolution reads and computes
+    per sample only channels that sample's gates opened, as many as the most any sample
+    opens (not all the task keeps), and gives the masked layers' outputs; a smaller
+    batch, and HAT, whose masks are the same for every sample, run the kept channels
+    instead."""
     model = learned_model("ccgn", backbone, "task")
     x, tasks = inputs()
+    model.per_sample_from_batch = len(x)
     calls = []
     convolution = compact.CompactConv.per_sample
 
@@ -164,8 +233,10 @@ def test_per_sample_channels_run_each_samples_open_channels_where_gates_differ(b
     if backbone == "resnet18":
         assert min(positions[1]) < compact.PER_SAMPLE_MIN_POSITIONS
     one, hat = learned_model("ccgn", backbone, "task"), learned_model("hat", backbone, "task")
+    hat.per_sample_from_batch = len(x)
     with mock.patch.object(compact.CompactConv, "per_sample", side_effect=AssertionError("per sample")):
         with torch.no_grad():
+            model.forward_with_macs(x[1:], tasks[1:])
             one.forward_with_macs(x[:1], tasks[:1])
             hat.forward_with_macs(x, tasks)
     one.per_sample_from_batch = 1  # as the benchmark times it
@@ -215,7 +286,7 @@ def test_a_compact_path_is_rebuilt_whenever_what_it_was_cut_from_changes(strateg
         assert torch.allclose(after, masked, atol=1e-5), f"after change {index}"
         before = after
     with torch.no_grad():
-        after, _ = model.double().compact_paths([0])[0](x.double())
+        after, _ = model.double().compact_paths([(0,)])[0](x.double())
         masked, _ = model.forward_path(x.double(), 0)
     assert after.dtype == torch.float64 and torch.allclose(after, masked, atol=1e-5)
 
@@ -243,15 +314,11 @@ def test_in_the_class_setting_a_changed_kernel_rebuilds_every_path_and_a_changed
     change there must still reach each of them, and a change of one task's mask that
     task's path (with ccgn only that one; HAT holds every task's embedding in one tensor)."""
     model = learned_model(strategy, "small_cnn", "class")
+    model.stacked_paths_max_batch = 0
     x, tasks = inputs()
     compact_and_masked(model, x, tasks)
     paths = dict(model._compact_paths)
-    layer = model.path_layers[0]
-    with torch.no_grad():
-        if strategy == "ccgn":
-            layer.gates[1][0].weight.mul_(2)
-        else:
-            layer.embedding.weight[1].neg_()
+    change_task_mask(model.path_layers[0], 1)
     (out, _), (masked, _) = compact_and_masked(model, x, tasks)
     assert torch.allclose(out, masked, atol=1e-5)
     assert model._compact_paths[1] is not paths[1]
@@ -327,7 +394,7 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
     assert list(table.columns) == benchmark.COLUMNS
     executions = {"dense", "masked", "compact", "compact_unpadded", "per_sample"}
     assert set(table.query("setting == 'task'").execution) == executions
-    assert set(table.query("setting == 'class'").execution) == executions | {"dense_every_path"}
+    assert set(table.query("setting == 'class'").execution) == executions | {"stacked", "dense_every_path"}
     assert set(table.setting) == {"task", "class"} and set(table.backbone) == {"small_cnn", "resnet18"}
     assert set(table.query("backbone == 'small_cnn'").gates) == {"trained", "random"}
     # A trained task's path runs fewer MACs than the dense network.

@@ -1,0 +1,95 @@
+"""How ccgn's compact paths should run a batch of each size: the batch sizes from which
+they compute each sample's open channels (`TaskPathNet.per_sample_from_batch`) and up to
+which the class setting runs every learned task's path as one
+(`TaskPathNet.stacked_paths_max_batch`). The networks of benchmarks/gated_inference.py
+(`clbench.benchmarking.gated_network`: ccgn's small CNN trained on the embedded Split MNIST
+and with random gates, ResNet-18 of width 16 with random gates), both settings, at each of
+`--batches`: one set of channels for the batch, the kept ones (`kept`); each sample's own
+(`per_sample`); in the class setting the paths run as one (`stacked`); and what the
+issue asks the gated network to beat, the dense backbone (task setting: `dense`; class
+setting: once per learned task, `dense_every_path`). The executions alternate for
+`--rounds` rounds of `--repeats` passes; best and median per pass, and the dense
+execution's best time over each one's. The gated executions must give the same outputs
+(within float tolerance) and MACs, or the script stops.
+
+Usage: python benchmarks/batch_thresholds.py [--threads 1] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+from itertools import product
+from pathlib import Path
+
+import torch
+
+from clbench.benchmarking import (GATED_BACKBONES, TINY_WIDTH, best_and_median_ms, gated_network, interleaved_times,
+                                  machine_columns, machine_line, torch_threads, write_csv)
+from clbench.models import build_model
+
+RESULTS = Path(__file__).parent / "results" / "batch_thresholds.csv"
+COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "speedup_over_dense",
+           "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
+NETWORKS = [("small_cnn", "trained"), ("small_cnn", "random"), ("resnet18", "random")]
+
+
+def executions(model, dense, setting: str, x: torch.Tensor, t: torch.Tensor) -> dict:
+    def gated(per_sample: bool, stacked: bool):
+        def run():
+            model.per_sample_channels, model.per_sample_from_batch = per_sample, 1
+            model.stacked_paths_max_batch = len(x) if stacked else 0
+            return model.forward_with_macs(x, t)
+        return run
+
+    runs = {"kept": gated(False, False), "per_sample": gated(True, False)}
+    if setting == "task":
+        return {**runs, "dense": lambda: dense(x, t)}
+    return {**runs, "stacked": gated(False, True), "dense_every_path": lambda: [dense(x) for _ in range(model.tasks_learned)]}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
+    parser.add_argument("--tiny", action="store_true", help="width 4, 2 rounds of 1 pass: a check in seconds")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
+    parser.add_argument("--trained-on", default="split_mnist_mini",
+                        help="scenario on which ccgn's small CNN is trained [%(default)s]")
+    args = parser.parse_args(argv)
+    rounds, repeats = (2, 1) if args.tiny else (args.rounds, args.repeats)
+    rows = []
+    with torch_threads(args.threads):
+        machine = machine_columns()
+        for (backbone, gates), setting in product(NETWORKS, ("task", "class")):
+            width = TINY_WIDTH if args.tiny else GATED_BACKBONES[backbone][0]
+            spec, model, images = gated_network(backbone, width, gates, setting, args.trained_on)
+            dense = build_model(spec).eval()
+            with torch.no_grad():
+                for batch in args.batches:
+                    x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
+                    runs = executions(model, dense, setting, x, t)
+                    (reference, reference_macs), *others = [run() for name, run in runs.items() if "dense" not in name]
+                    if not all(torch.allclose(out, reference, atol=1e-4) and torch.equal(macs, reference_macs)
+                               for out, macs in others):
+                        raise SystemExit(f"{backbone} {gates} {setting} batch {batch}: "
+                                         "the compact executions computed different things")
+                    times = interleaved_times(runs, rounds, repeats)
+                    fastest_dense = min(next(measured for name, measured in times.items() if "dense" in name))
+                    for name, measured in times.items():
+                        rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
+                                     "batch": batch, "execution": name, **best_and_median_ms(measured),
+                                     "speedup_over_dense": round(fastest_dense / min(measured), 2),
+                                     "rounds": rounds, "repeats": repeats, **machine})
+    for row in rows:
+        print(f"{row['backbone']:<9} {row['width']:>2} {row['gates']:<7} {row['setting']:<5} batch {row['batch']:>3} "
+              f"{row['execution']:<16} {row['best_ms']:>9.3f} ms best {row['median_ms']:>9.3f} median  "
+              f"{row['speedup_over_dense']:.2f}x over dense")
+    print(machine_line(machine))
+    write_csv(rows, COLUMNS, args.output)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
