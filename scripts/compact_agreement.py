@@ -2,8 +2,10 @@
 with) predict what its masked layers predict? Loads the final checkpoint of a ccgn or HAT
 run (`clbench run ... --keep-checkpoints`), runs every task's test set (batches of 256)
 through the compact paths computing each sample's open channels (`per_sample`, clbench's
-default), through those computing one set of channels per batch (`compact`) and through
-the masked layers, and prints per task the accuracy each way, and for each compact
+default at that batch size), through those computing one set of channels per batch
+(`compact`), in the class setting through every learned task's path run as one
+(`stacked`, clbench's default on batches of up to 4) and through the masked layers, and
+prints per task the accuracy each way, and for each compact
 execution the test samples whose prediction differs from the masked layers', those whose
 MACs counted differ (a gate whose logit is within float rounding of 0 can decide
 differently), and the largest MAC difference.
@@ -20,8 +22,10 @@ from torch.utils.data import DataLoader
 from clbench.runner import load_checkpointed_run
 
 
-EXECUTIONS = {"per_sample": dict(compact_inference=True, per_sample_channels=True),
-              "compact": dict(compact_inference=True, per_sample_channels=False),
+BATCH = 256
+EXECUTIONS = {"per_sample": dict(compact_inference=True, per_sample_channels=True, stacked_paths_max_batch=0),
+              "compact": dict(compact_inference=True, per_sample_channels=False, stacked_paths_max_batch=0),
+              "stacked": dict(compact_inference=True, stacked_paths_max_batch=BATCH),  # the class setting's only
               "masked": dict(compact_inference=False)}
 
 
@@ -31,7 +35,7 @@ def predictions(model, dataset, execution: str) -> tuple[torch.Tensor, torch.Ten
     for attribute, value in EXECUTIONS[execution].items():
         setattr(model, attribute, value)
     predicted, true, macs = [], [], []
-    for x, y, t in DataLoader(dataset, batch_size=256):
+    for x, y, t in DataLoader(dataset, batch_size=BATCH):
         logits, sample_macs = model.forward_with_macs(x, t)
         predicted.append(logits.argmax(1))
         true.append(y)
@@ -45,14 +49,15 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = parser.parse_args(argv).run_dir
     _, scenario, state = load_checkpointed_run(run_dir)
     model = state["trainer"].model.eval()
-    compared = [name for name in EXECUTIONS if name != "masked"]
-    print("| task | test samples | " + " | ".join(f"accuracy, {name}" for name in EXECUTIONS) + " | "
+    executions = [name for name in EXECUTIONS if name != "stacked" or model.setting == "class"]
+    compared = [name for name in executions if name != "masked"]
+    print("| task | test samples | " + " | ".join(f"accuracy, {name}" for name in executions) + " | "
           + " | ".join(f"{name}: predictions differing | MACs differing | largest MAC difference" for name in compared)
           + " |")
-    print("|---" * (2 + len(EXECUTIONS) + 3 * len(compared)) + "|")
+    print("|---" * (2 + len(executions) + 3 * len(compared)) + "|")
     for task, experience in enumerate(scenario.benchmark.test_stream):
         dataset = experience.dataset.eval()
-        runs = {name: predictions(model, dataset, name) for name in EXECUTIONS}
+        runs = {name: predictions(model, dataset, name) for name in executions}
         masked, true, masked_macs = runs["masked"]
         cells = [str(task + 1), str(len(true))] + [f"{(predicted == true).float().mean():.4f}"
                                                    for predicted, _, _ in runs.values()]

@@ -425,8 +425,8 @@ def test_the_agreement_script_finds_where_compact_and_masked_predictions_differ(
                                                                                monkeypatch):
     """A tiny ccgn run's compact and masked predictions agree; with the compact
     convolutions' outputs negated (those computing one set of channels per batch, then
-    those computing each sample's), the script reports the predictions that change, in
-    that execution's column only."""
+    those computing each sample's), or in the class setting the stacked paths' logits,
+    the script reports the predictions that change, in that execution's column only."""
     agreement = load_script("scripts", "compact_agreement")
     run_dir = run(RunConfig(scenario=tiny_scenario, strategy="ccgn", setting="task", width=8,
                             results_dir=str(tmp_path), keep_checkpoints=True)).run_dir
@@ -445,9 +445,24 @@ def test_the_agreement_script_finds_where_compact_and_masked_predictions_differ(
         broken = rows()
         assert sum(int(row[8]) for row in broken) > 0
     per_sample = compact.CompactConv.per_sample
-    monkeypatch.setattr(compact.CompactConv, "per_sample", lambda self, x, index: -per_sample(self, x, index))
+    with monkeypatch.context() as patched:
+        patched.setattr(compact.CompactConv, "per_sample", lambda self, x, index: -per_sample(self, x, index))
+        broken = rows()
+        assert sum(int(row[5]) for row in broken) > 0 and all(row[8] == "0" for row in broken)
+    # The class setting adds the stacked paths: accuracy and differences in columns 5 and 12-14.
+    run_dir = run(RunConfig(scenario=tiny_scenario, strategy="ccgn", setting="class", width=8,
+                            results_dir=str(tmp_path), keep_checkpoints=True)).run_dir
+    honest = rows()
+    assert all(row[2] == row[4] == row[5] and row[12] == "0" for row in honest)
+    stacked = compact.CompactPath.stacked
+
+    def negated_logits(path, x, stages):
+        read, logits, macs = stacked(path, x, stages)
+        return read, [-chunk for chunk in logits], macs
+
+    monkeypatch.setattr(compact.CompactPath, "stacked", negated_logits)
     broken = rows()
-    assert sum(int(row[5]) for row in broken) > 0 and all(row[8] == "0" for row in broken)
+    assert sum(int(row[12]) for row in broken) > 0 and all(row[6] == row[9] == "0" for row in broken)
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler on CPU")
