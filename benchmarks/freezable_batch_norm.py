@@ -1,11 +1,14 @@
 """Training step (forward and backward) of ccgn's batch norm once some channels are frozen:
-clbench's `FreezableBatchNorm2d`, which runs PyTorch's batch norm twice (batch statistics,
-stored statistics) and selects per channel, against one hand-written normalisation that
-picks the statistics per channel first and applies them in one fused multiply-add
-(`single_pass`). Shapes are those of the ResNet-18 of width 16 at batch 32 (channels-last),
-with a share of the channels frozen. Both are checked to compute the same outputs,
-gradients and running statistics (largest differences in the table); `--rounds` rounds
-alternate the two, `--repeats` calls each; best and median per call.
+clbench's `FreezableBatchNorm2d` (one batch norm with batch statistics, zero weight on the
+frozen channels, plus their evaluation-mode scaling in one multiply-add) against two
+hand-written alternatives: PyTorch's batch norm run twice, with batch and with stored
+statistics, then a selection per channel (`two_batch_norms`, clbench's until session 17);
+and one normalisation that picks the statistics per channel first and applies them in
+one fused multiply-add (`single_pass`). Shapes are those of the ResNet-18 of width 16 at
+batch 32 (channels-last), with a share of the channels frozen. Each is checked to compute
+the same outputs, input gradients and running statistics as clbench's (largest
+differences in the table); `--rounds` rounds alternate them, `--repeats` calls each; best
+and median per call.
 
 Usage: python benchmarks/freezable_batch_norm.py [--threads 1] [--tiny]
 """
@@ -18,17 +21,28 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from clbench.benchmarking import (best_and_median_ms, interleaved_times, machine_columns, machine_line, torch_threads,
                                   write_csv)
 from clbench.path_network import FreezableBatchNorm2d
 
 RESULTS = Path(__file__).parent / "results" / "freezable_batch_norm.csv"
-COLUMNS = ["channels", "size", "frozen_share", "variant", "best_ms", "median_ms", "ratio_to_clbench_best",
-           "max_output_difference", "max_gradient_difference", "max_statistics_difference", "rounds", "repeats", "machine", "cores",
-           "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
+DIFFERENCES = ["max_output_difference", "max_gradient_difference", "max_statistics_difference"]  # from clbench's
+COLUMNS = ["channels", "size", "frozen_share", "variant", "best_ms", "median_ms", "ratio_to_clbench_best", *DIFFERENCES,
+           "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
 SHAPES = [(16, 32), (32, 16), (64, 8), (128, 4)]  # channels, spatial size: the four stages
 FROZEN_SHARES = [0.25, 0.5, 0.75]
+
+
+def two_batch_norms(norm: FreezableBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """`norm`'s training forward as two batch norms, one per kind of channel, selected."""
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    trained = F.batch_norm(x, mean, var, norm.weight, norm.bias, True, norm.momentum, norm.eps)
+    kept = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps)
+    norm.running_mean = torch.where(norm.frozen, norm.running_mean, mean)
+    norm.running_var = torch.where(norm.frozen, norm.running_var, var)
+    return torch.where(norm.frozen[None, :, None, None], kept, trained)
 
 
 def single_pass(norm: FreezableBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
@@ -74,23 +88,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     norm.running_var.uniform_(0.5, 2.0)
                     norm.weight.uniform_(0.5, 1.5)
                     norm.bias.normal_()
-                hand_written = copy.deepcopy(norm)
-                forwards = {"clbench": norm, "single_pass": lambda x, n=hand_written: single_pass(n, x)}
+                norms = {"clbench": norm, "two_batch_norms": copy.deepcopy(norm), "single_pass": copy.deepcopy(norm)}
+                forwards = {"clbench": norm, "two_batch_norms": partial(two_batch_norms, norms["two_batch_norms"]),
+                            "single_pass": partial(single_pass, norms["single_pass"])}
                 x = torch.randn(batch, channels, size, size).to(memory_format=torch.channels_last).requires_grad_()
                 gradient = torch.randn_like(x)
-                (out, grad), (other_out, other_grad) = (step(f, x, gradient) for f in forwards.values())
-                differences = {"max_output_difference": (out - other_out).abs().max().item(),
-                               "max_gradient_difference": (grad - other_grad).abs().max().item(),
-                               "max_statistics_difference": max(
-                                   (norm.running_mean - hand_written.running_mean).abs().max().item(),
-                                   (norm.running_var - hand_written.running_var).abs().max().item())}
+                out, grad = step(norm, x, gradient)
+                differences = {"clbench": dict.fromkeys(DIFFERENCES, 0.0)}
+                for name, forward in list(forwards.items())[1:]:
+                    other_out, other_grad = step(forward, x, gradient)
+                    other = norms[name]
+                    differences[name] = {
+                        "max_output_difference": (out - other_out).abs().max().item(),
+                        "max_gradient_difference": (grad - other_grad).abs().max().item(),
+                        "max_statistics_difference": max((norm.running_mean - other.running_mean).abs().max().item(),
+                                                         (norm.running_var - other.running_var).abs().max().item())}
                 times = interleaved_times({name: partial(step, forward, x, gradient)
                                            for name, forward in forwards.items()}, rounds, repeats)
                 for name, measured in times.items():
                     rows.append({"channels": channels, "size": size, "frozen_share": share, "variant": name,
                                  **best_and_median_ms(measured),
                                  "ratio_to_clbench_best": round(min(measured) / min(times["clbench"]), 2),
-                                 **differences, "rounds": rounds, "repeats": repeats, **machine})
+                                 **differences[name], "rounds": rounds, "repeats": repeats, **machine})
     for row in rows:
         print(f"{row['channels']:>3} ch {row['size']:>2}x{row['size']:<2} frozen {row['frozen_share']:.2f} "
               f"{row['variant']:<11}: {row['best_ms']:7.3f} ms best, {row['median_ms']:7.3f} median, "

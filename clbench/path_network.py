@@ -37,7 +37,14 @@ STACKED = "learned tasks"
 
 class FreezableBatchNorm2d(nn.BatchNorm2d):
     """Batch norm whose `frozen` channels behave as in evaluation even while training:
-    normalised with their stored statistics, which are never updated."""
+    normalised with their stored statistics, which are never updated.
+
+    In training, one batch norm with batch statistics whose weight is 0 on the frozen
+    channels and whose bias there is the evaluation's shift, plus x times the evaluation's
+    scale on the frozen channels: the other channels' outputs and gradients are exactly a
+    plain batch norm's, the frozen ones' those of evaluation up to float rounding. Running
+    two batch norms and selecting per channel took 1.1-1.6 times as long
+    (`benchmarks/freezable_batch_norm.py`)."""
 
     def __init__(self, channels: int):
         super().__init__(channels)
@@ -46,13 +53,16 @@ class FreezableBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not self.frozen.any():
             return super().forward(x)
+        frozen = self.frozen.to(x.dtype)
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+        shift = self.bias - self.running_mean * scale
         mean, var = self.running_mean.clone(), self.running_var.clone()
-        trained = F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum, self.eps)
-        kept = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        # New tensors, not in-place writes: `kept` needs the old ones for its backward pass.
+        trained = F.batch_norm(x, mean, var, self.weight * (1 - frozen), torch.lerp(self.bias, shift, frozen), True,
+                               self.momentum, self.eps)
+        # New tensors, not in-place writes: `scale` and `shift` need the old ones for their backward pass.
         self.running_mean = torch.where(self.frozen, self.running_mean, mean)
         self.running_var = torch.where(self.frozen, self.running_var, var)
-        return torch.where(self.frozen[None, :, None, None], kept, trained)
+        return torch.addcmul(trained, x, (scale * frozen)[None, :, None, None])
 
 
 def raw_tensor(module: nn.Module, name: str) -> torch.Tensor:

@@ -158,15 +158,17 @@ def test_the_nchw_layout_leaves_channels_last_behind_in_a_fresh_process():
     subprocess.run([sys.executable, "-c", check], cwd=ROOT, check=True)
 
 
-def test_freezable_batch_norm_benchmark_checks_the_single_pass_computes_the_same(tmp_path):
+def test_freezable_batch_norm_benchmark_checks_the_alternatives_compute_the_same(tmp_path):
     freezable = benchmark("freezable_batch_norm")
     output = tmp_path / "freezable_batch_norm.csv"
     freezable.main(["--tiny", "--threads", "1", "--output", str(output)])
     table = pd.read_csv(output)
     assert list(table.columns) == freezable.COLUMNS
-    assert len(table) == 2 * len(freezable.SHAPES) * len(freezable.FROZEN_SHARES)
+    assert len(table) == 3 * len(freezable.SHAPES) * len(freezable.FROZEN_SHARES)
+    assert set(table.variant) == {"clbench", "two_batch_norms", "single_pass"}
     differences = table[["max_output_difference", "max_gradient_difference", "max_statistics_difference"]]
     assert (differences < 1e-4).all().all()
+    assert (differences[table.variant == "two_batch_norms"] > 0).any().any(), "a difference should be measured"
     assert (table[table.variant == "clbench"].ratio_to_clbench_best == 1).all()
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.models import BACKBONES, ModelSpec
-from clbench.path_network import PATH_BACKBONES, PathLayer, PathTrace
+from clbench.path_network import PATH_BACKBONES, FreezableBatchNorm2d, PathLayer, PathTrace
 from clbench.registry import get_strategy
 
 
@@ -108,3 +108,40 @@ def test_a_batch_that_mixes_tasks_is_accounted_per_sample(strategy, backbone):
     if strategy == "ccgn":
         assert all(len(set(macs[tasks == task].tolist())) > 1 for task in range(3)), \
             "ccgn's gates should differ between samples of a task for this test to mean anything"
+
+
+def test_freezable_batch_norm_keeps_frozen_channels_as_in_evaluation_and_trains_the_others():
+    """In training, frozen channels are normalised with the stored statistics, which stay
+    as they were, and the others with the batch's, whose running statistics update: the
+    outputs, input and parameter gradients and statistics of a batch norm in evaluation
+    mode on the frozen channels and one in training mode on the others (exactly so on
+    the others)."""
+    torch.manual_seed(0)
+    norm = FreezableBatchNorm2d(6).train()
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2.0)
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    norm.frozen[[1, 4]] = True
+    x = (3 * torch.randn(8, 6, 5, 5) + 1).requires_grad_()
+    evaluated, trained = nn.BatchNorm2d(6).eval(), nn.BatchNorm2d(6).train()
+    for reference in (evaluated, trained):
+        reference.load_state_dict({k: v for k, v in norm.state_dict().items() if k != "frozen"})
+    before = norm.running_mean.clone(), norm.running_var.clone()
+    gradient = torch.randn(8, 6, 5, 5)
+    out = norm(x)
+    grads = torch.autograd.grad(out, (x, norm.weight, norm.bias), gradient)
+    kept, frozen = ~norm.frozen, norm.frozen
+    for reference, channels, exact in ((trained, kept, True), (evaluated, frozen, False)):
+        expected = reference(x)
+        expected_grads = torch.autograd.grad(expected, (x, reference.weight, reference.bias), gradient)
+        same = torch.equal if exact else lambda a, b: torch.allclose(a, b, atol=1e-5)
+        assert same(out[:, channels], expected[:, channels])
+        assert same(grads[0][:, channels], expected_grads[0][:, channels])
+        assert all(same(g[channels], e[channels]) for g, e in zip(grads[1:], expected_grads[1:]))
+    assert torch.equal(norm.running_mean[frozen], before[0][frozen])
+    assert torch.equal(norm.running_var[frozen], before[1][frozen])
+    assert torch.equal(norm.running_mean[kept], trained.running_mean[kept])
+    assert torch.equal(norm.running_var[kept], trained.running_var[kept])
+    assert not torch.allclose(norm.running_mean[kept], before[0][kept])
