@@ -8,7 +8,10 @@ one fused multiply-add (`single_pass`). Shapes are those of the ResNet-18 of wid
 batch 32 (channels-last), with a share of the channels frozen. Each is checked to compute
 the same outputs, input gradients and running statistics as clbench's (largest
 differences in the table); `--rounds` rounds alternate them, `--repeats` calls each; best
-and median per call.
+and median per call. Then (`scope` "ccgn_step") each variant in place of clbench's inside
+a whole training step of ccgn's ResNet-18 of width 16 (forward through task 1's path,
+cross-entropy, backward, Adam step, batch 32) after task 0 froze half of every layer's
+kernels, so that every batch norm has frozen channels.
 
 Usage: python benchmarks/freezable_batch_norm.py [--threads 1] [--tiny]
 """
@@ -19,17 +22,20 @@ import argparse
 import copy
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 from clbench.benchmarking import (best_and_median_ms, interleaved_times, machine_columns, machine_line, torch_threads,
                                   write_csv)
+from clbench.models import ModelSpec
 from clbench.path_network import FreezableBatchNorm2d
+from clbench.registry import get_strategy
 
 RESULTS = Path(__file__).parent / "results" / "freezable_batch_norm.csv"
 DIFFERENCES = ["max_output_difference", "max_gradient_difference", "max_statistics_difference"]  # from clbench's
-COLUMNS = ["channels", "size", "frozen_share", "variant", "best_ms", "median_ms", "ratio_to_clbench_best", *DIFFERENCES,
+COLUMNS = ["scope", "channels", "size", "frozen_share", "variant", "best_ms", "median_ms", "ratio_to_clbench_best", *DIFFERENCES,
            "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
 SHAPES = [(16, 32), (32, 16), (64, 8), (128, 4)]  # channels, spatial size: the four stages
 FROZEN_SHARES = [0.25, 0.5, 0.75]
@@ -65,6 +71,27 @@ def step(forward, x: torch.Tensor, gradient: torch.Tensor):
     out = forward(x)
     (grad,) = torch.autograd.grad(out, x, gradient)
     return out, grad
+
+
+def ccgn_steps(variants: dict, width: int, batch: int) -> dict:
+    """A training step of ccgn's ResNet-18 with each of `variants` (a function of the norm
+    and its input) as `FreezableBatchNorm2d`'s training forward."""
+    torch.manual_seed(0)
+    spec = ModelSpec("resnet18", width, (3, 32, 32), "task", [[0, 1], [2, 3]])
+    model = get_strategy("ccgn").from_hparams({}).make_model(spec).train()
+    for layer in model.path_layers:
+        layer.freeze(0, torch.rand(layer.out_units) < 0.5)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 2, (batch,))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
+
+    def step(variant) -> None:
+        with mock.patch.object(FreezableBatchNorm2d, "forward", variant):
+            loss = F.cross_entropy(model.forward_path(x, 1)[0], y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return {name: partial(step, variant) for name, variant in variants.items()}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -106,12 +133,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 times = interleaved_times({name: partial(step, forward, x, gradient)
                                            for name, forward in forwards.items()}, rounds, repeats)
                 for name, measured in times.items():
-                    rows.append({"channels": channels, "size": size, "frozen_share": share, "variant": name,
+                    rows.append({"scope": "batch_norm", "channels": channels, "size": size, "frozen_share": share, "variant": name,
                                  **best_and_median_ms(measured),
                                  "ratio_to_clbench_best": round(min(measured) / min(times["clbench"]), 2),
                                  **differences[name], "rounds": rounds, "repeats": repeats, **machine})
+        width = 4 if args.tiny else 16
+        variants = {"clbench": FreezableBatchNorm2d.forward, "two_batch_norms": two_batch_norms,
+                    "single_pass": single_pass}
+        times = interleaved_times(ccgn_steps(variants, width, batch), rounds, max(1, repeats // 4))
+        for name, measured in times.items():
+            rows.append({"scope": "ccgn_step", "channels": width, "size": 32, "frozen_share": 0.5, "variant": name,
+                         **best_and_median_ms(measured),
+                         "ratio_to_clbench_best": round(min(measured) / min(times["clbench"]), 2),
+                         "rounds": rounds, "repeats": max(1, repeats // 4), **machine})
     for row in rows:
-        print(f"{row['channels']:>3} ch {row['size']:>2}x{row['size']:<2} frozen {row['frozen_share']:.2f} "
+        print(f"{row['scope']:<10} {row['channels']:>3} ch {row['size']:>2}x{row['size']:<2} frozen {row['frozen_share']:.2f} "
               f"{row['variant']:<11}: {row['best_ms']:7.3f} ms best, {row['median_ms']:7.3f} median, "
               f"{row['ratio_to_clbench_best']:.2f}x clbench's")
     print(machine_line(machine))
