@@ -44,7 +44,8 @@ def executions(model, dense, setting: str, x: torch.Tensor, t: torch.Tensor) -> 
     runs = {"kept": gated(False, False), "per_sample": gated(True, False)}
     if setting == "task":
         return {**runs, "dense": lambda: dense(x, t)}
-    return {**runs, "stacked": gated(False, True), "dense_every_path": lambda: [dense(x) for _ in range(model.tasks_learned)]}
+    return {**runs, "stacked": gated(False, True),
+            "dense_every_path": lambda: [dense(x) for _ in range(model.tasks_learned)]}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -35,8 +35,8 @@ from clbench.registry import get_strategy
 
 RESULTS = Path(__file__).parent / "results" / "freezable_batch_norm.csv"
 DIFFERENCES = ["max_output_difference", "max_gradient_difference", "max_statistics_difference"]  # from clbench's
-COLUMNS = ["scope", "channels", "size", "frozen_share", "variant", "best_ms", "median_ms", "ratio_to_clbench_best", *DIFFERENCES,
-           "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
+COLUMNS = ["scope", "channels", "size", "frozen_share", "variant", "best_ms", "median_ms", "ratio_to_clbench_best",
+           *DIFFERENCES, "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
 SHAPES = [(16, 32), (32, 16), (64, 8), (128, 4)]  # channels, spatial size: the four stages
 FROZEN_SHARES = [0.25, 0.5, 0.75]
 
@@ -66,6 +66,10 @@ def single_pass(norm: FreezableBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
 
 
+# Each a training forward of a FreezableBatchNorm2d, given the norm and its input.
+VARIANTS = {"clbench": FreezableBatchNorm2d.forward, "two_batch_norms": two_batch_norms, "single_pass": single_pass}
+
+
 def step(forward, x: torch.Tensor, gradient: torch.Tensor):
     """One forward and backward; the output and the input's gradient."""
     out = forward(x)
@@ -74,8 +78,8 @@ def step(forward, x: torch.Tensor, gradient: torch.Tensor):
 
 
 def ccgn_steps(variants: dict, width: int, batch: int) -> dict:
-    """A training step of ccgn's ResNet-18 with each of `variants` (a function of the norm
-    and its input) as `FreezableBatchNorm2d`'s training forward."""
+    """A training step of ccgn's ResNet-18 with each of `variants` as
+    `FreezableBatchNorm2d`'s training forward."""
     torch.manual_seed(0)
     spec = ModelSpec("resnet18", width, (3, 32, 32), "task", [[0, 1], [2, 3]])
     model = get_strategy("ccgn").from_hparams({}).make_model(spec).train()
@@ -115,15 +119,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     norm.running_var.uniform_(0.5, 2.0)
                     norm.weight.uniform_(0.5, 1.5)
                     norm.bias.normal_()
-                norms = {"clbench": norm, "two_batch_norms": copy.deepcopy(norm), "single_pass": copy.deepcopy(norm)}
-                forwards = {"clbench": norm, "two_batch_norms": partial(two_batch_norms, norms["two_batch_norms"]),
-                            "single_pass": partial(single_pass, norms["single_pass"])}
+                norms = {name: norm if name == "clbench" else copy.deepcopy(norm) for name in VARIANTS}
+                forwards = {name: partial(variant, norms[name]) for name, variant in VARIANTS.items()}
                 x = torch.randn(batch, channels, size, size).to(memory_format=torch.channels_last).requires_grad_()
                 gradient = torch.randn_like(x)
                 out, grad = step(norm, x, gradient)
                 differences = {"clbench": dict.fromkeys(DIFFERENCES, 0.0)}
-                for name, forward in list(forwards.items())[1:]:
-                    other_out, other_grad = step(forward, x, gradient)
+                for name in ["two_batch_norms", "single_pass"]:
+                    other_out, other_grad = step(forwards[name], x, gradient)
                     other = norms[name]
                     differences[name] = {
                         "max_output_difference": (out - other_out).abs().max().item(),
@@ -133,21 +136,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 times = interleaved_times({name: partial(step, forward, x, gradient)
                                            for name, forward in forwards.items()}, rounds, repeats)
                 for name, measured in times.items():
-                    rows.append({"scope": "batch_norm", "channels": channels, "size": size, "frozen_share": share, "variant": name,
-                                 **best_and_median_ms(measured),
+                    rows.append({"scope": "batch_norm", "channels": channels, "size": size, "frozen_share": share,
+                                 "variant": name, **best_and_median_ms(measured),
                                  "ratio_to_clbench_best": round(min(measured) / min(times["clbench"]), 2),
                                  **differences[name], "rounds": rounds, "repeats": repeats, **machine})
         width = 4 if args.tiny else 16
-        variants = {"clbench": FreezableBatchNorm2d.forward, "two_batch_norms": two_batch_norms,
-                    "single_pass": single_pass}
-        times = interleaved_times(ccgn_steps(variants, width, batch), rounds, max(1, repeats // 4))
+        times = interleaved_times(ccgn_steps(VARIANTS, width, batch), rounds, max(1, repeats // 4))
         for name, measured in times.items():
             rows.append({"scope": "ccgn_step", "channels": width, "size": 32, "frozen_share": 0.5, "variant": name,
                          **best_and_median_ms(measured),
                          "ratio_to_clbench_best": round(min(measured) / min(times["clbench"]), 2),
                          "rounds": rounds, "repeats": max(1, repeats // 4), **machine})
     for row in rows:
-        print(f"{row['scope']:<10} {row['channels']:>3} ch {row['size']:>2}x{row['size']:<2} frozen {row['frozen_share']:.2f} "
+        print(f"{row['scope']:<10} {row['channels']:>3} ch {row['size']:>2}x{row['size']:<2} "
+              f"frozen {row['frozen_share']:.2f} "
               f"{row['variant']:<11}: {row['best_ms']:7.3f} ms best, {row['median_ms']:7.3f} median, "
               f"{row['ratio_to_clbench_best']:.2f}x clbench's")
     print(machine_line(machine))

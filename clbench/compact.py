@@ -498,7 +498,8 @@ class CompactPath:
     def __init__(self, model: TaskPathNet, tasks: tuple[int, ...]):
         self.tasks = tasks
         heads = [model.heads[task] for task in tasks]
-        self.own_sources = [m for layer in model.path_layers for task in tasks for m in layer.mask_modules(task)] + heads
+        self.own_sources = [m for layer in model.path_layers for task in tasks
+                            for m in layer.mask_modules(task)] + heads
         kernels = kernel_modules(model)
         self.kernel_state = tensor_state(tensors_of(kernels))
         self.own_state = tensor_state(tensors_of(self.own_sources))
@@ -539,14 +540,15 @@ class CompactPath:
         logits = F.linear(features, *self.heads[0])
         return self.read(features, pooled), logits, macs + self.head_macs
 
-    def stacked(self, x: torch.Tensor, stages: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    def stacked(self, x: torch.Tensor,
+                stages: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Every task's path as one, on `x` repeated once per task: the paths' convolutions
         over the union of the channels the tasks keep, each chunk masked by its task's
         masks (`PathLayer.compact_mask`), the first one computed once (`SharedFirstLayer`)
-        and then repeated; what each task's features give the task
-        classifier (as `features_and_logits`), each task's logits, and the MACs per sample
-        of all, each path's counted as it alone would be. A few large operations instead of
-        each path's many small ones: faster on small batches (README, Benchmarks)."""
+        and then repeated. What each task's features give the task classifier (as
+        `features_and_logits`), each task's logits, and the MACs per sample of all, each
+        path's counted as it alone would be. A few large operations instead of each path's
+        many small ones: faster on small batches (`benchmarks/batch_thresholds.py`)."""
         def repeated(tensor: torch.Tensor) -> torch.Tensor:  # `repeat` would lose the channels-last layout
             return torch.cat([tensor] * len(self.tasks))
 

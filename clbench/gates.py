@@ -59,7 +59,8 @@ class GatedLayer(PathLayer):
         return self.allowed[task]
 
     def compact_mask(self, tasks: tuple[int, ...], kept_in: torch.Tensor, kept_out: torch.Tensor) -> CompactGate:
-        return CompactGate([self.gates[task] for task in tasks], self.allowed[list(tasks)][:, kept_out], kept_in, kept_out)
+        allowed = self.allowed[list(tasks)][:, kept_out]
+        return CompactGate([self.gates[task] for task in tasks], allowed, kept_in, kept_out)
 
     def mask_modules(self, task: int) -> list[nn.Module]:
         return [self, *self.gates[task].modules()]  # self: `allowed`
