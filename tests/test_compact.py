@@ -94,7 +94,7 @@ def test_compact_paths_compute_what_the_masked_layers_do(strategy, backbone, set
     samples open different channels (ccgn) and in the class setting, where every learned
     task's path runs (each on its own here; as one: `test_stacked_paths_...`); and the
     paths are smaller than the network. Computing each sample's open channels
-    (`per_sample_channels`, ccgn's from a batch of 2) or one set for the batch alike."""
+    (`per_sample_channels`, here from a batch of 2) or one set for the batch alike."""
     model = learned_model(strategy, backbone, setting)
     model.per_sample_channels, model.per_sample_from_batch, model.stacked_paths_max_batch = per_sample, 2, 0
     x, tasks = inputs()
@@ -236,7 +236,7 @@ def test_per_sample_channels_run_each_samples_open_channels_where_gates_differ(b
     hat.per_sample_from_batch = len(x)
     with mock.patch.object(compact.CompactConv, "per_sample", side_effect=AssertionError("per sample")):
         with torch.no_grad():
-            model.forward_with_macs(x[1:], tasks[1:])
+            model.forward_with_macs(x[1:], torch.zeros_like(tasks[1:]))
             one.forward_with_macs(x[:1], tasks[:1])
             hat.forward_with_macs(x, tasks)
     one.per_sample_from_batch = 1  # as the benchmark times it
