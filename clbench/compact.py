@@ -12,14 +12,16 @@ masked network, so the outputs are the masked network's up to the rounding of fl
 (which could flip a gate whose logit is within rounding of 0), and each sample's MACs are
 counted as there (the channels its mask opened). In the class setting, where every learned
 task's path reads the same image, the paths' first layer runs once for all
-(`SharedFirstLayer`).
+(`SharedFirstLayer`); on small batches the paths run as one, cut to the union of the
+tasks' kernels, on the batch repeated once per task (`CompactPath.stacked`).
 
-Where masks differ between samples (ccgn's gates), a path goes further and computes each
-sample's open channels only (`SampleChannels`): one grouped convolution per layer, one
-group per sample, whose weights are gathered for each sample from the path's kept ones
-(on output maps of at least `PER_SAMPLE_MIN_POSITIONS` positions).
-The samples of a batch open different channels (most of those their task keeps between
-them), so one set of channels for the whole batch saves little over the kept ones.
+Where masks differ between samples (ccgn's gates), on large enough batches a path goes
+further and computes each sample's open channels only (`SampleChannels`): one grouped
+convolution per layer, one group per sample, whose weights are gathered for each sample
+from the path's kept ones (on output maps of at least `PER_SAMPLE_MIN_POSITIONS`
+positions). The samples of a batch open different channels (most of those their task
+keeps between them), so one set of channels for the whole batch saves little over the
+kept ones. `TaskPathNet` decides which execution runs (`runs_per_sample`, `stacks_paths`).
 
 A compact path remembers every tensor it was cut from (its version counter and storage)
 and `TaskPathNet` rebuilds it once any of them changed: an optimiser step,
