@@ -2,7 +2,7 @@
 they compute each sample's open channels (`TaskPathNet.per_sample_from_batch`) and up to
 which the class setting runs every learned task's path as one
 (`TaskPathNet.stacked_paths_max_batch`). The networks of benchmarks/gated_inference.py
-(`clbench.benchmarking.gated_network`: ccgn's small CNN trained on the embedded Split MNIST
+(`clbench.benchmarking.gated_networks`: ccgn's small CNN trained on the embedded Split MNIST
 and with random gates, ResNet-18 of width 16 with random gates), both settings, at each of
 `--batches`: one set of channels for the batch, the kept ones (`kept`); each sample's own
 (`per_sample`); in the class setting the paths run as one (`stacked`); and what the
@@ -18,19 +18,17 @@ Usage: python benchmarks/batch_thresholds.py [--threads 1] [--tiny]
 from __future__ import annotations
 
 import argparse
-from itertools import product
 from pathlib import Path
 
 import torch
 
-from clbench.benchmarking import (GATED_BACKBONES, TINY_WIDTH, best_and_median_ms, gated_network, interleaved_times,
-                                  machine_columns, machine_line, torch_threads, write_csv)
+from clbench.benchmarking import (best_and_median_ms, gated_networks, interleaved_times, machine_columns, machine_line,
+                                  torch_threads, write_csv)
 from clbench.models import build_model
 
 RESULTS = Path(__file__).parent / "results" / "batch_thresholds.csv"
 COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "speedup_over_dense",
            "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
-NETWORKS = [("small_cnn", "trained"), ("small_cnn", "random"), ("resnet18", "random")]
 
 
 def executions(model, dense, setting: str, x: torch.Tensor, t: torch.Tensor) -> dict:
@@ -63,9 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        for (backbone, gates), setting in product(NETWORKS, ("task", "class")):
-            width = TINY_WIDTH if args.tiny else GATED_BACKBONES[backbone][0]
-            spec, model, images = gated_network(backbone, width, gates, setting, args.trained_on)
+        for backbone, width, gates, setting, spec, model, images in gated_networks(args.tiny, args.trained_on):
             dense = build_model(spec).eval()
             with torch.no_grad():
                 for batch in args.batches:
