@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from clbench import checkpoint, results
+from clbench.allocator import keep_freed_memory
 from clbench.config import RunConfig, resolve_config
 from clbench.datasets.scenarios import Scenario, build_scenario, scenario_spec
 from clbench.errors import UserError
@@ -279,10 +280,12 @@ def run(cfg: RunConfig, overwrite: bool = False) -> RunOutcome:
     """Train and evaluate one configuration into its run folder, checkpointing after every
     task and resuming from the checkpoint an interrupted run of it left. A folder that
     already holds a finished run of the same configuration is left as it is (unless
-    `overwrite`); one of another configuration is an error."""
+    `overwrite`); one of another configuration is an error. From here on the process
+    keeps the memory it frees (`clbench.allocator`)."""
     strategy, cfg = resolve(cfg)
     if not overwrite and (finished := results.finished_run(cfg)):
         return RunOutcome(finished, trained=False)
+    keep_freed_memory()
     scenario = run_scenario(cfg)
     RNGManager.set_random_seeds(cfg.seed)
     spec = ModelSpec(cfg.backbone, cfg.width, scenario.spec.input_shape, cfg.setting, scenario.task_classes)

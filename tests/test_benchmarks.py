@@ -196,3 +196,17 @@ def test_compact_revisions_benchmark_times_this_checkout_against_a_commit(tmp_pa
     monkeypatch.setattr(compact.MacCount, "total", lambda count: total(count) + 1)
     with pytest.raises(SystemExit, match="other outputs or MACs"):
         revisions.main(["--tiny", "--against", "HEAD", "--output", str(output)])
+
+
+def test_allocator_benchmark_compares_processes_with_and_without_kept_memory(tmp_path, capsys):
+    allocator = benchmark("allocator")
+    output = tmp_path / "allocator.csv"
+    allocator.main(["--tiny", "--threads", "1", "--output", str(output)])
+    table = pd.read_csv(output)
+    assert list(table.columns) == allocator.COLUMNS
+    assert set(table.workload) == {"small_cnn_train", "small_cnn_eval", "resnet18_train", "resnet18_eval",
+                                   "run_naive", "run_ccgn"}
+    faults = table[table.workload == "small_cnn_eval"].set_index("variant").page_faults_per_call
+    # Only clbench's processes keep their memory (their heap still grows over the first calls).
+    assert faults["clbench"] < faults["glibc_default"] / 3
+    assert "speed" in capsys.readouterr().out
