@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.models import channels_last
-from clbench.path_network import PathBasicBlock, PathLayer, PathResNet18, PathSmallCNN, TaskPathNet
+from clbench.path_network import (PathBasicBlock, PathLayer, PathResNet18, PathSmallCNN, TaskPathNet,
+                                  pool_and_relu)
 
 
 def keeps_any(layer: PathLayer, tasks: tuple[int, ...]) -> torch.Tensor:
@@ -301,12 +302,6 @@ class CompactLayer:
         return channels * mask.view(*mask.shape, 1, 1), mask
 
 
-def pool_and_relu(x: torch.Tensor) -> torch.Tensor:
-    """The small CNN's ReLU and max-pooling, pooling first: the same values (both keep the
-    largest), the ReLU on a quarter of them."""
-    return F.relu(F.max_pool2d(x, 2))
-
-
 class CompactSmallCNN:
     """`PathSmallCNN` cut to its tasks' channels."""
 
@@ -341,9 +336,8 @@ class CompactSmallCNN:
             else:
                 pooled = index < 2  # channels-last max-pooling too is fastest at a multiple of 8 channels
                 x, active = layer(x, active, count, keep_padding=pooled)
-                x = F.relu(x)
-                if pooled:
-                    x = F.max_pool2d(x, 2)[:, :layer.conv.out_channels]  # the next convolution reads this view
+                # the next convolution reads a view of the kept channels
+                x = pool_and_relu(x)[:, :layer.conv.out_channels] if pooled else F.relu(x)
             pool_stage(stages, x, layer.kept, layer.out_units)
         return x, count.total()
 
@@ -584,7 +578,7 @@ class SharedFirstLayer:
     """The first layer of every learned task's compact path in the class setting, run once
     for all: every path reads the same input, so their convolutions are computed together
     over the union of the channels the tasks keep, with what follows up to the mask (the
-    ReLU, and the small CNN's max-pooling, which commute with a mask >= 0). Each path then
+    small CNN's max-pooling, and the ReLU, which commute with a mask >= 0). Each path then
     takes its own channels and multiplies its mask. Outputs as those of the separate
     paths up to the rounding of float sums; MACs counted per path, as the masked layers
     count them (the paper's count)."""
@@ -597,9 +591,9 @@ class SharedFirstLayer:
         self.pool = isinstance(paths[0].backbone, CompactSmallCNN)
 
     def __call__(self, x: torch.Tensor) -> SharedOutput:
-        out = F.relu(self.conv(channels_last(x)))
+        out = self.conv(channels_last(x))
         spatial = out.shape[2] * out.shape[3]
-        return SharedOutput(F.max_pool2d(out, 2) if self.pool else out, self.positions, spatial)
+        return SharedOutput(pool_and_relu(out) if self.pool else F.relu(out), self.positions, spatial)
 
 
 def run_learned_paths(paths: list[CompactPath], x: torch.Tensor, stages: bool,

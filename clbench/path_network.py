@@ -206,14 +206,15 @@ class PathSmallCNN(nn.Module):
             if index == 2:
                 x = x.flatten(1)
                 active = active.repeat_interleave(self.spatial_after_convs, 1)
-            x, mask = layer(x, task, active, trace, then=relu_and_pool if index < 2 else F.relu)
+            x, mask = layer(x, task, active, trace, then=pool_and_relu if index < 2 else F.relu)
             active = mask.detach()
             trace.pool_stage(x)
         return x
 
 
-def relu_and_pool(x: torch.Tensor) -> torch.Tensor:
-    return F.max_pool2d(F.relu(x), 2)
+def pool_and_relu(x: torch.Tensor) -> torch.Tensor:
+    """The small CNN's max-pooling and ReLU, pooling first, as `clbench.models.SmallCNN`."""
+    return F.relu(F.max_pool2d(x, 2))
 
 
 class PathBasicBlock(nn.Module):

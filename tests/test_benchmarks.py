@@ -8,6 +8,7 @@ from itertools import product
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ROOT, load_script
 
 from clbench import compact, models
@@ -210,3 +211,17 @@ def test_allocator_benchmark_compares_processes_with_and_without_kept_memory(tmp
     # Only clbench's processes keep their memory (their heap still grows over the first calls).
     assert faults["clbench"] < faults["glibc_default"] / 3
     assert "speed" in capsys.readouterr().out
+
+
+def test_pool_before_relu_benchmark_finds_both_orders_equal_and_sees_a_wrong_one(tmp_path, monkeypatch):
+    pool_before_relu = benchmark("pool_before_relu")
+    output = tmp_path / "pool_before_relu.csv"
+    pool_before_relu.main(["--tiny", "--threads", "1", "--output", str(output)])
+    table = pd.read_csv(output)
+    assert list(table.columns) == pool_before_relu.COLUMNS
+    assert set(table.workload) == {"small_cnn_train", "small_cnn_eval", "ccgn_train"}
+    assert (table.max_output_difference == 0).all() and (table.max_gradient_difference == 0).all()
+    # The comparison reaches ccgn's masked network: a former order without its ReLU differs.
+    monkeypatch.setattr(pool_before_relu, "relu_then_pool", lambda x: F.max_pool2d(x, 2))
+    table = pd.DataFrame(pool_before_relu.main(["--tiny", "--threads", "1", "--output", str(output)]))
+    assert (table[table.workload == "ccgn_train"].max_output_difference > 0).all()
