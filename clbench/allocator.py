@@ -1,8 +1,8 @@
 """glibc's allocator, left to itself, gives the memory of large freed blocks (a batch's
 activation maps) back to the operating system and maps fresh pages for the next ones, so
 that every forward pass page-faults its activations in again. On this project's 2-core
-machine that took longer than the layers themselves: the small CNN's evaluation at batch
-512 ran 2.3 times as long, with 25,000 page faults a pass (`benchmarks/allocator.py`).
+machine the small CNN's evaluation at batch 512 took 1.7 times as long, with about 13,000
+page faults a pass (`benchmarks/allocator.py`).
 `keep_freed_memory` has glibc serve every block from its heap and keep the heap once
 grown: a process then holds on to its peak memory until it exits."""
 

@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+from clbench import runner
+from clbench.config import RunConfig
+
 # Page faults per forward pass of the small CNN at batch 512, clbench's evaluation batch,
 # whose first activation map (51 MB) glibc would map afresh on every pass by default.
 PROBE = """
@@ -37,3 +40,10 @@ def faults_per_pass(mode: str) -> float:
 def test_kept_memory_spares_each_forward_pass_its_page_faults():
     default, kept = faults_per_pass("default"), faults_per_pass("keep")
     assert default > 20 and kept < default / 10, (default, kept)
+
+
+def test_a_run_keeps_the_memory_it_frees(tiny_scenario, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "keep_freed_memory", lambda: calls.append("kept"))
+    runner.run(RunConfig(scenario=tiny_scenario, width=4, results_dir=str(tmp_path)))
+    assert calls == ["kept"]
