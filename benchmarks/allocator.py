@@ -44,8 +44,8 @@ COLUMNS = ["workload", "variant", "best_ms", "median_ms", "speed_vs_default", "p
 
 
 def workloads(tiny: bool, run_config: Path | None, run_epochs: int | None) -> dict:
-    """Each workload's name: (a call, the calls a round). Imported here, not at the top, so
-    that a `glibc_default` process imports clbench with `keep_freed_memory` patched out."""
+    """Each workload's call, by name. clbench is imported here, not at the top, so that a
+    `glibc_default` process imports it with `keep_freed_memory` patched out."""
     import torch
     import torch.nn.functional as F
 
