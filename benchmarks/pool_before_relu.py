@@ -24,7 +24,7 @@ from torch import nn
 from clbench import path_network
 from clbench.benchmarking import (best_and_median_ms, interleaved_times, machine_columns, machine_line, torch_threads,
                                   write_csv)
-from clbench.models import ModelSpec, SmallCNN
+from clbench.models import ModelSpec, SmallCNN, channels_last
 from clbench.registry import get_strategy
 
 RESULTS = Path(__file__).parent / "results" / "pool_before_relu.csv"
@@ -38,16 +38,12 @@ def relu_then_pool(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(F.relu(x), 2)
 
 
-def relu_first(network: SmallCNN) -> SmallCNN:
-    """A small CNN sharing `network`'s parameters, its ReLUs before its max-poolings."""
-    other = SmallCNN.__new__(SmallCNN)
-    nn.Module.__init__(other)
-    other.out_features = network.out_features
-    layers = list(network.body)
+def relu_first(body: nn.Sequential) -> nn.Sequential:
+    """The layers of `body` (the same modules), each ReLU moved before the max-pooling it follows."""
+    layers = list(body)
     for pool in [index for index, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]:
         layers[pool], layers[pool + 1] = layers[pool + 1], layers[pool]
-    other.body = nn.Sequential(*layers)
-    return other
+    return nn.Sequential(*layers)
 
 
 def workloads(width: int, train_batch: int, eval_batch: int) -> dict:
@@ -56,8 +52,9 @@ def workloads(width: int, train_batch: int, eval_batch: int) -> dict:
     network = SmallCNN(1, width)
     head = nn.Linear(network.out_features, 10)
     parameters = [*network.parameters(), *head.parameters()]
-    x, y = torch.randn(train_batch, 1, 28, 28), torch.randint(0, 10, (train_batch,))
-    images = torch.randn(eval_batch, 1, 28, 28)
+    # In the layout the small CNN converts them to, so that its layers can run on them directly.
+    x, y = channels_last(torch.randn(train_batch, 1, 28, 28)), torch.randint(0, 10, (train_batch,))
+    images = channels_last(torch.randn(eval_batch, 1, 28, 28))
     spec = ModelSpec("small_cnn", width, (1, 28, 28), "task", [[0, 1], [2, 3]])
     gated = get_strategy("ccgn").from_hparams({}).make_model(spec).train()
     gated_parameters = [p for p in gated.parameters() if p.requires_grad]
@@ -76,10 +73,10 @@ def workloads(width: int, train_batch: int, eval_batch: int) -> dict:
         with mock.patch.object(path_network, "pool_and_relu", then):
             return step(lambda: gated.forward_path(x, 0)[0], gated_parameters)
 
-    dense = {"pool_then_relu": network, "relu_then_pool": relu_first(network)}
-    return {"small_cnn_train": {order: lambda m=model: step(lambda: head(m(x)), parameters)
-                                for order, model in dense.items()},
-            "small_cnn_eval": {order: lambda m=model: evaluate(m) for order, model in dense.items()},
+    dense = {"pool_then_relu": network.body, "relu_then_pool": relu_first(network.body)}
+    return {"small_cnn_train": {order: lambda m=body: step(lambda: head(m(x)), parameters)
+                                for order, body in dense.items()},
+            "small_cnn_eval": {order: lambda m=body: evaluate(m) for order, body in dense.items()},
             "ccgn_train": {"pool_then_relu": lambda: gated_step(path_network.pool_and_relu),
                            "relu_then_pool": lambda: gated_step(relu_then_pool)}}
 

@@ -221,6 +221,9 @@ def test_pool_before_relu_benchmark_finds_both_orders_equal_and_sees_a_wrong_one
     assert list(table.columns) == pool_before_relu.COLUMNS
     assert set(table.workload) == {"small_cnn_train", "small_cnn_eval", "ccgn_train"}
     assert (table.max_output_difference == 0).all() and (table.max_gradient_difference == 0).all()
+    # The former order really is the other one: each ReLU before the pooling it followed.
+    layers = [type(layer) for layer in pool_before_relu.relu_first(models.SmallCNN().body)]
+    assert layers[:6] == [torch.nn.Conv2d, torch.nn.ReLU, torch.nn.MaxPool2d] * 2
     # The comparison reaches ccgn's masked network: a former order without its ReLU differs.
     monkeypatch.setattr(pool_before_relu, "relu_then_pool", lambda x: F.max_pool2d(x, 2))
     table = pd.DataFrame(pool_before_relu.main(["--tiny", "--threads", "1", "--output", str(output)]))
