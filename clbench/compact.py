@@ -32,7 +32,7 @@ unseen; clbench makes none.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
@@ -109,7 +109,8 @@ class MacCount:
 
     def total(self) -> torch.Tensor:
         per_pair = cached_vector(tuple(self.per_pair), self.outputs[0].device)
-        return ((open_units(self.inputs) * open_units(self.outputs)) @ per_pair).long() + self.fixed
+        opened = open_units(self.inputs + self.outputs)
+        return ((opened[:, :len(self.inputs)] * opened[:, len(self.inputs):]) @ per_pair).long() + self.fixed
 
 
 def open_units(masks: list[torch.Tensor]) -> torch.Tensor:
@@ -242,14 +243,18 @@ class CompactLayer:
     """A `PathLayer` cut to the channels its tasks keep (`kept` of `out_units`), masked by
     their masks at test (`PathLayer.compact_mask`)."""
 
-    def __init__(self, layer: PathLayer, tasks: tuple[int, ...], kept_in: torch.Tensor, kept_out: torch.Tensor):
+    def __init__(self, layer: PathLayer, tasks: tuple[int, ...], kept_in: torch.Tensor, kept_out: torch.Tensor,
+                 inputs_per_unit: int = 1):
+        """`inputs_per_unit`: the layer's inputs per unit of the active inputs its calls
+        are given (the small CNN's linear layer reads `spatial` features of each active
+        channel, whose mask it is given, not repeated per feature)."""
         self.kept, self.out_units = kept_out, layer.out_units
         self.conv = CompactConv(layer.layer, layer.norm, kept_in, kept_out)
         if keeps_any(layer, tasks).any():
             self.mask = layer.compact_mask(tasks, kept_in, kept_out)
         else:
             self.mask = lambda x: x.new_zeros(len(x), 1)
-        self.kernel = layer.layer.weight[0].numel() // layer.in_units
+        self.kernel = layer.layer.weight[0].numel() // layer.in_units * inputs_per_unit
         self.mask_macs = layer.mask_macs
 
     def __call__(self, x: torch.Tensor, active_in: torch.Tensor, count: MacCount,
@@ -293,13 +298,14 @@ class CompactLayer:
                     first: SharedOutput) -> tuple[torch.Tensor, torch.Tensor]:
         """As a call on `x` followed by what `SharedFirstLayer` applies after the
         convolution, but taking this path's channels from the first layer's output shared
-        by every path."""
+        by every path. `x` may be that layer's input repeated (`CompactPath.stacked`):
+        the mask multiplication repeats the output alike, by broadcasting."""
         mask = self.mask(x)
         count.add(active_in, mask, self.kernel * first.spatial, self.mask_macs)
         # Selected in channels-last order, so that the result stays channels-last (an
         # index_select over dimension 1 returns NCHW, and the layers after it then run slowly).
         channels = first.out.permute(0, 2, 3, 1).index_select(3, first.positions[self]).permute(0, 3, 1, 2)
-        return channels * mask.view(*mask.shape, 1, 1), mask
+        return (channels * mask.view(-1, *channels.shape[:2], 1, 1)).flatten(0, 1), mask
 
 
 class CompactSmallCNN:
@@ -314,7 +320,7 @@ class CompactSmallCNN:
             if index == 2:  # flattened: channel c's features are c * spatial + position
                 kept_in = (kept_in[:, None] * self.spatial + torch.arange(self.spatial, device=device)).flatten()
             kept_out = kept(layer, tasks)
-            self.layers.append(CompactLayer(layer, tasks, kept_in, kept_out))
+            self.layers.append(CompactLayer(layer, tasks, kept_in, kept_out, self.spatial if index == 2 else 1))
             kept_in = kept_out
         self.kept = kept_in
 
@@ -326,11 +332,11 @@ class CompactSmallCNN:
         each sample's open channels only (`SampleChannels`)."""
         if per_sample:
             return self.per_sample(x, stages, first)
-        x, active, count = channels_last(x), torch.ones(len(x), self.in_channels, device=x.device), MacCount()
+        active, count = torch.ones(len(x), self.in_channels, device=x.device), MacCount()
+        x = channels_last(x) if first is None else x  # with `first`, only the first layer's gates read `x`
         for index, layer in enumerate(self.layers):
             if index == 2:
                 x = x.flatten(1)
-                active = active.repeat_interleave(self.spatial, 1)
             if index == 0 and first is not None:
                 x, active = layer.from_shared(x, active, count, first)
             else:
@@ -351,7 +357,7 @@ class CompactSmallCNN:
         pool_stage(stages, channels.pooled(), conv1.kept, conv1.out_units)
         channels = conv2.per_sample(channels, count, then=pool_and_relu)
         pool_stage(stages, channels.pooled(), conv2.kept, conv2.out_units)
-        x, _ = linear(channels.spread().flatten(1), channels.active.repeat_interleave(self.spatial, 1), count)
+        x, _ = linear(channels.spread().flatten(1), channels.active, count)
         x = F.relu(x)
         pool_stage(stages, x, linear.kept, linear.out_units)
         return x, count.total()
@@ -494,8 +500,8 @@ class CompactPath:
     def __init__(self, model: TaskPathNet, tasks: tuple[int, ...]):
         self.tasks = tasks
         heads = [model.heads[task] for task in tasks]
-        self.own_sources = [m for layer in model.path_layers for task in tasks
-                            for m in layer.mask_modules(task)] + heads
+        self.own_sources = list(dict.fromkeys([m for layer in model.path_layers for task in tasks
+                                               for m in layer.mask_modules(task)] + heads))  # each once
         kernels = kernel_modules(model)
         self.kernel_state = tensor_state(tensors_of(kernels))
         self.own_state = tensor_state(tensors_of(self.own_sources))
@@ -510,6 +516,10 @@ class CompactPath:
         # number of channels a batch opens changes the shapes).
         self.varies = any(layer.masks_per_sample for layer in model.path_layers) and not model.compile_compact
         self.heads = [(head.weight.detach()[:, self.backbone.kept], head.bias.detach()) for head in heads]
+        # `stacked`'s heads, one batched product: weights tasks x features x classes, zero-padded to the widest head.
+        classes = max(len(bias) for _, bias in self.heads)
+        self.stacked_heads = (torch.stack([F.pad(weight, (0, 0, 0, classes - len(weight))).t() for weight, _ in self.heads]),
+                              torch.stack([F.pad(bias, (0, classes - len(bias))) for _, bias in self.heads])[:, None])
         self.head_macs = sum(head.in_features * head.out_features for head in heads)
         self.out_features = model.backbone.out_features
         self.first_layer = model.path_layers[0]
@@ -540,21 +550,20 @@ class CompactPath:
                 stages: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Every task's path as one, on `x` repeated once per task: the paths' convolutions
         over the union of the channels the tasks keep, each chunk masked by its task's
-        masks (`PathLayer.compact_mask`), the first one computed once (`SharedFirstLayer`)
-        and then repeated. What each task's features give the task classifier (as
-        `features_and_logits`), each task's logits, and the MACs per sample of all, each
-        path's counted as it alone would be. A few large operations instead of each path's
-        many small ones: faster on small batches (`benchmarks/batch_thresholds.py`)."""
-        def repeated(tensor: torch.Tensor) -> torch.Tensor:  # `repeat` would lose the channels-last layout
-            return torch.cat([tensor] * len(self.tasks))
-
+        masks (`PathLayer.compact_mask`), the first one computed once (`SharedFirstLayer`),
+        the heads as one batched product. What each task's features give the task
+        classifier (as `features_and_logits`), each task's logits, and the MACs per sample
+        of all, each path's counted as it alone would be. A few large operations instead
+        of each path's many small ones: faster on small batches
+        (`benchmarks/batch_thresholds.py`)."""
         if self.shared_first is None:
             self.shared_first = [self], SharedFirstLayer(self.first_layer, [self])
-        first = self.shared_first[1](x)
         pooled = [] if stages else None
-        features, macs = self.run_backbone(repeated(x), pooled, replace(first, out=repeated(first.out)))
-        chunks = features.chunk(len(self.tasks))
-        logits = [F.linear(chunk, *head) for chunk, head in zip(chunks, self.heads)]
+        repeated = torch.cat([x] * len(self.tasks))  # `repeat` would lose the channels-last layout
+        features, macs = self.run_backbone(repeated, pooled, self.shared_first[1](x))
+        weight, bias = self.stacked_heads
+        logits = torch.baddbmm(bias, features.view(len(self.tasks), len(x), -1), weight)
+        logits = [task_logits[:, :len(head_bias)] for task_logits, (_, head_bias) in zip(logits, self.heads)]
         return list(self.read(features, pooled).chunk(len(self.tasks))), logits, \
             macs.view(len(self.tasks), -1).sum(0) + self.head_macs
 

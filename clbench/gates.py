@@ -95,8 +95,7 @@ class CompactGate:
     through the k-th module), stacked into one batched matrix product per layer. They read
     only the kept input channels (the others are exactly zero, so their pooled value is
     too) and decide only the kept kernels, closed where the chunk's task may not open
-    them (`allowed`, none where each task is allowed all: a path of one task); each batch
-    norm folded into its module's first layer."""
+    them (`allowed`); each batch norm folded into its module's first layer."""
 
     def __init__(self, gates: list[nn.Sequential], allowed: torch.Tensor, kept_in: torch.Tensor,
                  kept_out: torch.Tensor):
@@ -104,17 +103,15 @@ class CompactGate:
                   for first, norm, _, _ in gates]
         self.first = torch.stack([w.t() for w, _ in firsts]), torch.stack([b for _, b in firsts])[:, None]
         lasts = [gate[-1] for gate in gates]
-        self.last = (torch.stack([last.weight.detach()[kept_out].t() for last in lasts]),
-                     torch.stack([last.bias.detach()[kept_out] for last in lasts])[:, None])
-        self.allowed = None if allowed.all() else allowed[:, None]
+        # A kernel the task may not open gets a bias of -inf: its logit is -inf (or NaN), never above 0.
+        biases = torch.stack([last.bias.detach()[kept_out] for last in lasts]).masked_fill(~allowed, -torch.inf)
+        self.last = torch.stack([last.weight.detach()[kept_out].t() for last in lasts]), biases[:, None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.mean((2, 3)) if x.dim() == 4 else x
         weight, bias = self.first
         hidden = F.relu(torch.baddbmm(bias, pooled.view(len(weight), -1, pooled.shape[1]), weight))
         gates = torch.baddbmm(self.last[1], hidden, self.last[0]) > 0
-        if self.allowed is not None:
-            gates &= self.allowed
         return gates.flatten(0, 1).to(x.dtype)
 
 

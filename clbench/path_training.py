@@ -13,6 +13,7 @@ from avalanche.training.templates import SupervisedTemplate
 from pydantic import Field
 from torch.utils.data import DataLoader, TensorDataset
 
+from clbench.loading import eval_batches
 from clbench.path_network import PathTrace
 from clbench.registry import Hyperparameters, build_optimizer
 
@@ -172,14 +173,14 @@ class TaskPathTraining(SupervisedTemplate):
         else:
             self.model.eval()
             features, labels = [], []
-            for x, y, _ in DataLoader(dataset, batch_size=self.eval_mb_size):
+            for x, y, _ in eval_batches(dataset, self.eval_mb_size):
                 features.append(self.model.backbone(x.to(self.device), self.task, PathTrace()).cpu())
                 labels.append(y)
             features, labels = torch.cat(features), torch.cat(labels)
             orders = [index[herding_order(features[index], per_task)]
                       for index in (torch.nonzero(labels == label).flatten() for label in labels.unique())]
             chosen = torch.stack([order[:min(map(len, orders))] for order in orders], 1).flatten()[:per_task]
-        self.memory[self.task] = next(iter(DataLoader(dataset.subset(chosen.tolist()), batch_size=len(chosen))))[0]
+        self.memory[self.task] = next(iter(eval_batches(dataset.subset(chosen.tolist()), len(chosen))))[0]
 
     def train_task_classifier(self, memory_only: bool):
         """Fit the task classifier on the frozen paths' features of the task's training data
@@ -187,7 +188,7 @@ class TaskPathTraining(SupervisedTemplate):
         model, task = self.model, self.task
         model.eval()
         inputs = [] if memory_only else [(x, torch.full((len(x),), task)) for x, _, _ in
-                                         DataLoader(self.adapted_dataset.eval(), batch_size=self.eval_mb_size)]
+                                         eval_batches(self.adapted_dataset.eval(), self.eval_mb_size)]
         inputs += [(x, torch.full((len(x),), past)) for past, x in self.memory.items() if memory_only or past != task]
         with torch.no_grad():
             features = torch.cat([torch.cat(model.path_features(x.to(self.device))[0], 1) for x, _ in inputs])

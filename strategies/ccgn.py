@@ -4,10 +4,10 @@ from typing import Literal
 import pandas as pd
 import torch
 from pydantic import Field, model_validator
-from torch.utils.data import DataLoader
 
 from clbench.batch_shaping import batch_shaping_loss
 from clbench.gates import GatedLayer
+from clbench.loading import eval_batches
 from clbench.path_network import build_path_model
 from clbench.path_training import TaskClassifierHparams, TaskPathTraining, memory_after_last_task
 from clbench.registry import OPTIMIZER_OPTIONS, Strategy, build_optimizer, register
@@ -161,7 +161,7 @@ class ConditionalGating(TaskPathTraining):
         layers = model.named_path_layers()
         fired = {name: 0 for name in layers}
         per_class = {}
-        for x, y, _ in DataLoader(self.held_out, batch_size=self.eval_mb_size):
+        for x, y, _ in eval_batches(self.held_out, self.eval_mb_size):
             _, trace = model.forward_path(x.to(self.device), task)
             for name, gates in zip(layers, trace.masks):
                 fired[name] = fired[name] + gates.sum(0)

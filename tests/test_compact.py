@@ -24,14 +24,15 @@ from clbench.registry import get_strategy
 from clbench.runner import run
 
 
-def learned_model(strategy: str, backbone: str, setting: str, hparams: dict | None = None) -> nn.Module:
+def learned_model(strategy: str, backbone: str, setting: str, hparams: dict | None = None,
+                  task_classes: tuple = ((0, 1), (2, 3), (4, 5))) -> nn.Module:
     """A width-8 network of three tasks as after learning the first two, set by hand:
     batch norms hold the statistics of `inputs()` (so the signal neither dies nor
     explodes) and affine parameters away from their initial ones; then ccgn's tasks may
     open 40% of each layer's kernels, HAT's masks are exactly 0 for 40% of the channels,
     1 for most others and fractional for the rest; task 2 keeps nothing of the second layer."""
     torch.manual_seed(0)
-    spec = ModelSpec(backbone, 8, (1, 28, 28), setting, [[0, 1], [2, 3], [4, 5]])
+    spec = ModelSpec(backbone, 8, (1, 28, 28), setting, [list(classes) for classes in task_classes])
     model = get_strategy(strategy).from_hparams(hparams or {}).make_model(spec)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
@@ -145,8 +146,8 @@ def test_stacked_paths_compute_what_the_masked_layers_do(strategy, backbone):
     of the tasks' channels, each chunk masked by its own task (ccgn's gates closed on
     what the task may not open), and each path's MACs as the masked layers count them;
     rebuilt when one task's mask changes, and when another task is learned. Above that
-    batch size, each path runs on its own."""
-    model = learned_model(strategy, backbone, "class")
+    batch size, each path runs on its own. Heads of different widths run as one."""
+    model = learned_model(strategy, backbone, "class", task_classes=((0, 1), (2, 3, 4), (5, 6)))
     x, tasks = inputs()
     model.stacked_paths_max_batch = len(x)
     (stacked, stacked_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
