@@ -33,7 +33,7 @@ unseen; clbench makes none.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Callable
 
 import torch
@@ -516,14 +516,18 @@ class CompactPath:
         # number of channels a batch opens changes the shapes).
         self.varies = any(layer.masks_per_sample for layer in model.path_layers) and not model.compile_compact
         self.heads = [(head.weight.detach()[:, self.backbone.kept], head.bias.detach()) for head in heads]
-        # `stacked`'s heads, one batched product: weights tasks x features x classes, zero-padded to the widest head.
-        classes = max(len(bias) for _, bias in self.heads)
-        self.stacked_heads = (torch.stack([F.pad(weight, (0, 0, 0, classes - len(weight))).t() for weight, _ in self.heads]),
-                              torch.stack([F.pad(bias, (0, classes - len(bias))) for _, bias in self.heads])[:, None])
         self.head_macs = sum(head.in_features * head.out_features for head in heads)
         self.out_features = model.backbone.out_features
         self.first_layer = model.path_layers[0]
         self.shared_first = None  # (the paths, their SharedFirstLayer), set by `run_learned_paths` or `stacked`
+
+    @cached_property
+    def stacked_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`stacked`'s heads as one batched product: weights (tasks x features x classes)
+        and biases (tasks x 1 x classes), zero-padded to the widest head."""
+        classes = max(len(bias) for _, bias in self.heads)
+        return (torch.stack([F.pad(weight, (0, 0, 0, classes - len(weight))).t() for weight, _ in self.heads]),
+                torch.stack([F.pad(bias, (0, classes - len(bias))) for _, bias in self.heads])[:, None])
 
     def is_current(self, kernels: list[tuple[int, int]]) -> bool:
         """Whether the path matches its network, whose `kernel_state` is `kernels`."""
