@@ -1,13 +1,15 @@
 """How ccgn's compact paths should run a batch of each size: the batch sizes from which
 they compute each sample's open channels (`TaskPathNet.per_sample_from_batch`) and up to
 which the class setting runs every learned task's path as one
-(`TaskPathNet.stacked_paths_max_batch`). The networks of benchmarks/gated_inference.py
+(`TaskPathNet.stacked_path`: `stacked_paths_max_batch`, and a larger batch where the paths
+share most of their channels, column `union_ratio`). The networks of benchmarks/gated_inference.py
 (`clbench.benchmarking.gated_networks`: ccgn's small CNN trained on the embedded Split MNIST
 and with random gates, ResNet-18 of width 16 with random gates), both settings, at each of
 `--batches`: one set of channels for the batch, the kept ones (`kept`); each sample's own
 (`per_sample`); in the class setting the paths run as one (`stacked`); and what the
 issue asks the gated network to beat, the dense backbone (task setting: `dense`; class
-setting: once per learned task, `dense_every_path`). The executions alternate for
+setting: once per learned task, `dense_every_path`); and what clbench's defaults pick
+(`clbench`). The executions alternate for
 `--rounds` rounds of `--repeats` passes; best and median per pass, and the dense
 execution's best time over each one's. The gated executions must give the same outputs
 (within float tolerance) and MACs, or the script stops.
@@ -25,24 +27,30 @@ import torch
 from clbench.benchmarking import (best_and_median_ms, gated_networks, interleaved_times, machine_columns, machine_line,
                                   torch_threads, write_csv)
 from clbench.models import build_model
+from clbench.path_network import TaskPathNet
 
 RESULTS = Path(__file__).parent / "results" / "batch_thresholds.csv"
 COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "speedup_over_dense",
-           "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
+           "union_ratio", "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche",
+           "clbench_commit"]
+DEFAULTS = {name: getattr(TaskPathNet, name)
+            for name in ("per_sample_channels", "per_sample_from_batch", "stacked_paths_max_batch")}
 
 
 def executions(model, dense, setting: str, x: torch.Tensor, t: torch.Tensor) -> dict:
-    def gated(per_sample: bool, stacked: bool):
+    def gated(**settings):
         def run():
-            model.per_sample_channels, model.per_sample_from_batch = per_sample, 1
-            model.stacked_paths_max_batch = len(x) if stacked else 0
+            for name, value in settings.items():
+                setattr(model, name, value)
             return model.forward_with_macs(x, t)
         return run
 
-    runs = {"kept": gated(False, False), "per_sample": gated(True, False)}
+    runs = {"kept": gated(per_sample_channels=False, stacked_paths_max_batch=0),
+            "per_sample": gated(per_sample_channels=True, per_sample_from_batch=1, stacked_paths_max_batch=0),
+            "clbench": gated(**DEFAULTS)}
     if setting == "task":
         return {**runs, "dense": lambda: dense(x, t)}
-    return {**runs, "stacked": gated(False, True),
+    return {**runs, "stacked": gated(per_sample_channels=False, stacked_paths_max_batch=len(x)),
             "dense_every_path": lambda: [dense(x) for _ in range(model.tasks_learned)]}
 
 
@@ -64,6 +72,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for backbone, width, gates, setting, spec, model, images in gated_networks(args.tiny, args.trained_on):
             dense = build_model(spec).eval()
             with torch.no_grad():
+                union_ratio = "" if setting == "task" else \
+                    round(model.compact_paths([tuple(range(model.tasks_learned))])[0].union_ratio, 2)
                 for batch in args.batches:
                     x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
                     runs = executions(model, dense, setting, x, t)
@@ -78,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
                                      "batch": batch, "execution": name, **best_and_median_ms(measured),
                                      "speedup_over_dense": round(fastest_dense / min(measured), 2),
-                                     "rounds": rounds, "repeats": repeats, **machine})
+                                     "union_ratio": union_ratio, "rounds": rounds, "repeats": repeats, **machine})
     for row in rows:
         print(f"{row['backbone']:<9} {row['width']:>2} {row['gates']:<7} {row['setting']:<5} batch {row['batch']:>3} "
               f"{row['execution']:<16} {row['best_ms']:>9.3f} ms best {row['median_ms']:>9.3f} median  "

@@ -21,7 +21,7 @@ convolution per layer, one group per sample, whose weights are gathered for each
 from the path's kept ones (on output maps of at least `PER_SAMPLE_MIN_POSITIONS`
 positions). The samples of a batch open different channels (most of those their task
 keeps between them), so one set of channels for the whole batch saves little over the
-kept ones. `TaskPathNet` decides which execution runs (`runs_per_sample`, `stacks_paths`).
+kept ones. `TaskPathNet` decides which execution runs (`runs_per_sample`, `stacked_path`).
 
 A compact path remembers every tensor it was cut from (its version counter and storage)
 and `TaskPathNet` rebuilds it once any of them changed: an optimiser step,
@@ -516,6 +516,10 @@ class CompactPath:
         # number of channels a batch opens changes the shapes).
         self.varies = any(layer.masks_per_sample for layer in model.path_layers) and not model.compile_compact
         self.heads = [(head.weight.detach()[:, self.backbone.kept], head.bias.detach()) for head in heads]
+        # The channels the tasks keep together over those an average task keeps (1: all keep the same).
+        together = sum(int(keeps_any(layer, tasks).sum()) for layer in model.path_layers)
+        apart = sum(int(layer.kept_channels(task).sum()) for layer in model.path_layers for task in tasks)
+        self.union_ratio = len(tasks) * together / max(apart, 1)
         self.head_macs = sum(head.in_features * head.out_features for head in heads)
         self.out_features = model.backbone.out_features
         self.first_layer = model.path_layers[0]

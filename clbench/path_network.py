@@ -31,8 +31,13 @@ CLASSIFIER_HIDDEN = 64
 # Class setting: scores of tasks the task classifier did not pick are lowered by this much
 # (see TaskPathNet.class_scores).
 OFF_TASK_PENALTY = 1e4
-# The key in `TaskPathNet._compact_paths` of the class setting's paths run as one (`stacks_paths`).
+# The key in `TaskPathNet._compact_paths` of the class setting's paths run as one (`stacked_path`).
 STACKED = "learned tasks"
+# Class setting: learned paths whose channels together are at most SHARED_PATHS_MAX_UNION
+# times an average path's run as one on batches up to SHARED_PATHS_BATCH_FACTOR times
+# `stacked_paths_max_batch` (`TaskPathNet.stacked_path`).
+SHARED_PATHS_MAX_UNION = 2.0
+SHARED_PATHS_BATCH_FACTOR = 8
 
 
 class FreezableBatchNorm2d(nn.BatchNorm2d):
@@ -288,7 +293,7 @@ class TaskPathNet(MultiTaskModule):
     """
 
     compact_inference = True  # False: the masked layers at test too (a benchmark's baseline)
-    stacked_paths_max_batch = 4  # class setting: the largest batch for which the paths run as one (`stacks_paths`)
+    stacked_paths_max_batch = 4  # class setting: the largest batch for which the paths run as one (`stacked_path`)
     compile_compact = False  # True: compact paths compiled by torch.compile (`clbench.compact.CompactPath`)
     per_sample_channels = True  # False: compact paths compute the same channels for every sample of a batch
     per_sample_from_batch = 16  # the smallest batch for which they compute each sample's (`runs_per_sample`)
@@ -344,12 +349,20 @@ class TaskPathNet(MultiTaskModule):
         computing the kept channels, padded, took less time (`benchmarks/batch_thresholds.py`)."""
         return self.per_sample_channels and len(x) >= self.per_sample_from_batch
 
-    def stacks_paths(self, x: torch.Tensor) -> bool:
-        """Whether the class setting's compact paths run as one, on the batch repeated
-        once per learned task (`clbench.compact.CompactPath.stacked`): for batches of at
-        most `stacked_paths_max_batch`, where the many small operations of separate paths
-        cost more than the channels they skip save (`benchmarks/batch_thresholds.py`)."""
-        return self.tasks_learned > 1 and len(x) <= self.stacked_paths_max_batch
+    def stacked_path(self, x: torch.Tensor) -> CompactPath | None:
+        """The class setting's compact paths run as one, on the batch repeated once per
+        learned task (`clbench.compact.CompactPath.stacked`), or None where they run
+        separately. They run as one on batches of at most `stacked_paths_max_batch`,
+        where the many small operations of separate paths cost more than the channels
+        they skip save, and of up to SHARED_PATHS_BATCH_FACTOR times as many where the
+        paths share most of their channels (`CompactPath.union_ratio` at most
+        SHARED_PATHS_MAX_UNION), so that their union computes little more than they
+        would (`benchmarks/batch_thresholds.py`: trained gates on the small CNN, whose
+        paths' union is 1.3 times an average path, against 2.8-3 with random gates)."""
+        if self.tasks_learned < 2 or len(x) > self.stacked_paths_max_batch * SHARED_PATHS_BATCH_FACTOR:
+            return None
+        path = self.compact_paths([tuple(range(self.tasks_learned))])[0]
+        return path if len(x) <= self.stacked_paths_max_batch or path.union_ratio <= SHARED_PATHS_MAX_UNION else None
 
     def compact_paths(self, task_sets: Iterable[tuple[int, ...]]) -> list[CompactPath]:
         """A compact path for each set of tasks (one task's, or several run as one),
@@ -407,8 +420,9 @@ class TaskPathNet(MultiTaskModule):
         if self.runs_compact():
             from clbench.compact import run_learned_paths
 
-            if self.stacks_paths(x):
-                return self.compact_paths([tuple(tasks)])[0].stacked(x, self.classifier_reads_stages)
+            stacked = self.stacked_path(x)
+            if stacked is not None:
+                return stacked.stacked(x, self.classifier_reads_stages)
             paths = self.compact_paths([(task,) for task in tasks])
             return run_learned_paths(paths, x, self.classifier_reads_stages, self.runs_per_sample(x))
         read, logits, macs = [], [], 0

@@ -86,9 +86,12 @@ def test_batch_thresholds_benchmark_writes_its_table(tiny_scenario, tmp_path, ca
     table = pd.read_csv(output)
     assert list(table.columns) == thresholds.COLUMNS
     networks = {("small_cnn", "trained"), ("small_cnn", "random"), ("resnet18", "random")}
-    assert set(zip(table.backbone, table.gates)) == networks and len(table) == len(networks) * 2 * (3 + 4)
-    assert set(table.query("setting == 'task'").execution) == {"kept", "per_sample", "dense"}
-    assert set(table.query("setting == 'class'").execution) == {"kept", "per_sample", "stacked", "dense_every_path"}
+    assert set(zip(table.backbone, table.gates)) == networks and len(table) == len(networks) * 2 * (4 + 5)
+    assert set(table.query("setting == 'task'").execution) == {"kept", "per_sample", "dense", "clbench"}
+    assert set(table.query("setting == 'class'").execution) == {"kept", "per_sample", "stacked", "dense_every_path",
+                                                                 "clbench"}
+    assert table.query("setting == 'task'").union_ratio.isna().all()
+    assert table.query("setting == 'class'").union_ratio.between(1, 5).all()  # 5 tasks learned
     assert set(table.batch) == {1, 4}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
     assert "over dense" in capsys.readouterr().out

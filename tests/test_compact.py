@@ -19,7 +19,7 @@ from clbench.compact import CHANNEL_MULTIPLE
 from clbench.config import RunConfig
 from clbench.gates import GatedLayer
 from clbench.models import ModelSpec
-from clbench.path_network import OFF_TASK_PENALTY, STACKED
+from clbench.path_network import OFF_TASK_PENALTY, SHARED_PATHS_BATCH_FACTOR, STACKED
 from clbench.registry import get_strategy
 from clbench.runner import run
 
@@ -167,9 +167,36 @@ def test_stacked_paths_compute_what_the_masked_layers_do(strategy, backbone):
     (stacked, stacked_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
     assert torch.allclose(stacked, masked, atol=1e-5) and torch.equal(stacked_macs, masked_macs)
     assert model._compact_paths[STACKED].tasks == (0, 1, 2)
-    model.stacked_paths_max_batch = len(x) - 1
+    model.stacked_paths_max_batch = (len(x) - 1) // SHARED_PATHS_BATCH_FACTOR  # above it, whatever paths share
     compact_and_masked(model, x, tasks)
     assert sorted(key for key in model._compact_paths if key != STACKED) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+def test_paths_that_share_most_of_their_channels_run_as_one_on_larger_batches_too(backbone):
+    """Above `stacked_paths_max_batch`, up to SHARED_PATHS_BATCH_FACTOR times it, the paths
+    run as one only where the channels they keep together are at most
+    SHARED_PATHS_MAX_UNION times those of an average path: three tasks keeping the same
+    channels (1 time), but not three keeping a third each (3 times)."""
+    model = learned_model("ccgn", backbone, "class")
+    model.tasks_learned, model.stacked_paths_max_batch = 3, 2
+    x, tasks = inputs(2 * SHARED_PATHS_BATCH_FACTOR)
+
+    def keep(third) -> float:
+        with torch.no_grad():
+            for layer in model.path_layers:
+                for task in range(3):
+                    layer.allowed[task] = torch.arange(layer.out_units) % 3 == third(task)
+        (compact, compact_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
+        assert torch.allclose(compact, masked, atol=1e-5) and torch.equal(compact_macs, masked_macs)
+        return model.compact_paths([(0, 1, 2)])[0].union_ratio
+
+    assert keep(lambda task: 0) == 1 and STACKED in model._compact_paths
+    assert not any(key in model._compact_paths for key in range(3)), "the paths should have run as one"
+    assert keep(lambda task: task) == 3 and sorted(key for key in model._compact_paths if key != STACKED) == [0, 1, 2]
+    model._compact_paths.clear()
+    compact_and_masked(model, torch.cat([x, x[:1]]), torch.cat([tasks, tasks[:1]]))  # one above the factor
+    assert STACKED not in model._compact_paths
 
 
 def test_class_scores_are_each_tasks_log_softmax_lowered_where_the_task_classifier_picked_another():
