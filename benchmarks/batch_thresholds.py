@@ -1,18 +1,20 @@
 """How ccgn's compact paths should run a batch of each size: the batch sizes from which
 they compute each sample's open channels (`TaskPathNet.per_sample_from_batch`) and up to
-which the class setting runs every learned task's path as one
-(`TaskPathNet.stacked_path`: `stacked_paths_max_batch`, and a larger batch where the paths
-share most of their channels, column `union_ratio`). The networks of benchmarks/gated_inference.py
+which the class setting runs every learned task's path as one (`TaskPathNet.stacked_path`:
+`stacked_paths_max_batch`, and a larger batch where the paths share most of their
+channels, column `union_ratio`). The networks of benchmarks/gated_inference.py
 (`clbench.benchmarking.gated_networks`: ccgn's small CNN trained on the embedded Split MNIST
 and with random gates, ResNet-18 of width 16 with random gates), both settings, at each of
 `--batches`: one set of channels for the batch, the kept ones (`kept`); each sample's own
-(`per_sample`); in the class setting the paths run as one (`stacked`); and what the
-issue asks the gated network to beat, the dense backbone (task setting: `dense`; class
-setting: once per learned task, `dense_every_path`); and what clbench's defaults pick
-(`clbench`). The executions alternate for
-`--rounds` rounds of `--repeats` passes; best and median per pass, and the dense
-execution's best time over each one's. The gated executions must give the same outputs
-(within float tolerance) and MACs, or the script stops.
+(`per_sample`); in the class setting the paths run as one (`stacked`); what clbench's
+defaults pick (`clbench`); and what the issue asks the gated network to beat, the dense
+backbone (task setting: `dense`; class setting: once per learned task,
+`dense_every_path`). The executions alternate for `--rounds` rounds of `--repeats` passes
+at a batch of 64, 64 / batch times as many at smaller batches (column `repeats`), so that
+the best time of a pass of a millisecond is as sure as that of a pass of 50; best and
+median per pass, and the dense execution's best time over each one's. The gated
+executions must give the same outputs (within float tolerance) and MACs, or the script
+stops.
 
 Usage: python benchmarks/batch_thresholds.py [--threads 1] [--tiny]
 """
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="passes per round at a batch of 64 [%(default)s]")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
     parser.add_argument("--tiny", action="store_true", help="width 4, 2 rounds of 1 pass: a check in seconds")
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
@@ -82,13 +84,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                for out, macs in others):
                         raise SystemExit(f"{backbone} {gates} {setting} batch {batch}: "
                                          "the compact executions computed different things")
-                    times = interleaved_times(runs, rounds, repeats)
+                    passes = repeats * max(1, 64 // batch)
+                    times = interleaved_times(runs, rounds, passes)
                     fastest_dense = min(next(measured for name, measured in times.items() if "dense" in name))
                     for name, measured in times.items():
                         rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
                                      "batch": batch, "execution": name, **best_and_median_ms(measured),
                                      "speedup_over_dense": round(fastest_dense / min(measured), 2),
-                                     "union_ratio": union_ratio, "rounds": rounds, "repeats": repeats, **machine})
+                                     "union_ratio": union_ratio, "rounds": rounds, "repeats": passes, **machine})
     for row in rows:
         print(f"{row['backbone']:<9} {row['width']:>2} {row['gates']:<7} {row['setting']:<5} batch {row['batch']:>3} "
               f"{row['execution']:<16} {row['best_ms']:>9.3f} ms best {row['median_ms']:>9.3f} median  "

@@ -92,7 +92,7 @@ def test_batch_thresholds_benchmark_writes_its_table(tiny_scenario, tmp_path, ca
                                                                  "clbench"}
     assert table.query("setting == 'task'").union_ratio.isna().all()
     assert table.query("setting == 'class'").union_ratio.between(1, 5).all()  # 5 tasks learned
-    assert set(table.batch) == {1, 4}
+    assert set(table.batch) == {1, 4} and dict(zip(table.batch, table.repeats)) == {1: 64, 4: 16}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
     assert "over dense" in capsys.readouterr().out
     from clbench.compact import CompactPath
