@@ -19,12 +19,19 @@ from clbench.registry import get_strategy
 benchmark = partial(load_script, "benchmarks")
 
 
+def tiny_table(script, output, *arguments: str) -> pd.DataFrame:
+    """The table a benchmark script writes to `output` on its tiny size with one thread,
+    whose columns must be the script's."""
+    script.main(["--tiny", "--threads", "1", *arguments, "--output", str(output)])
+    table = pd.read_csv(output)
+    assert list(table.columns) == script.COLUMNS
+    return table
+
+
 def test_train_overhead_benchmark_writes_its_table(tmp_path, capsys):
     train_overhead = benchmark("train_overhead")
     output = tmp_path / "train_overhead.csv"
-    train_overhead.main(["--tiny", "--threads", "1", "--tasks", "1", "--output", str(output)])
-    table = pd.read_csv(output)
-    assert list(table.columns) == train_overhead.COLUMNS
+    table = tiny_table(train_overhead, output, "--tasks", "1")
     assert set(table.backbone) == {"small_cnn", "resnet18"}
     assert set(table.variant) == {"bare", "bare_nchw", "avalanche_naive", "naive", "ewc", "naive_adam", "ccgn"}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
@@ -54,9 +61,7 @@ def test_train_overhead_benchmark_profiles_one_variant_without_a_table(tmp_path,
 def test_channel_counts_benchmark_writes_its_table(tmp_path):
     channel_counts = benchmark("channel_counts")
     output = tmp_path / "channel_counts.csv"
-    channel_counts.main(["--tiny", "--threads", "1", "--output", str(output)])
-    table = pd.read_csv(output)
-    assert list(table.columns) == channel_counts.COLUMNS
+    table = tiny_table(channel_counts, output)
     assert len(table) == len(channel_counts.SHAPES) * len(channel_counts.OUT_CHANNELS)
     assert set(table.operation) == {"conv", "max_pool", "grouped_conv"}
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
@@ -65,9 +70,7 @@ def test_channel_counts_benchmark_writes_its_table(tmp_path):
 def test_per_sample_positions_benchmark_writes_its_table(tmp_path, capsys, monkeypatch):
     positions = benchmark("per_sample_positions")
     output = tmp_path / "per_sample_positions.csv"
-    positions.main(["--tiny", "--threads", "1", "--allowed", "0.5", "--thresholds", "0", "100", "--output", str(output)])
-    table = pd.read_csv(output)
-    assert list(table.columns) == positions.COLUMNS
+    table = tiny_table(positions, output, "--allowed", "0.5", "--thresholds", "0", "100")
     assert list(table.execution) == ["compact", "per_sample", "per_sample"]
     assert list(table.threshold.fillna(-1)) == [-1, 0, 100]
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
@@ -110,10 +113,7 @@ def test_batch_thresholds_benchmark_writes_its_table(tiny_scenario, tmp_path, ca
 def test_scaling_benchmark_writes_its_table(tmp_path, capsys):
     scaling = benchmark("scaling")
     output = tmp_path / "scaling.csv"
-    scaling.main(["--tiny", "--threads", "1", "--tasks", "5", "10", "--strategies", "naive", "--settings", "class",
-                  "--output", str(output)])
-    table = pd.read_csv(output)
-    assert list(table.columns) == scaling.COLUMNS
+    table = tiny_table(scaling, output, "--tasks", "5", "10", "--strategies", "naive", "--settings", "class")
     assert list(table.tasks) == [5, 10] and set(table.strategy) == {"naive"}
     assert (table.train_s_per_task > 0).all() and (table.eval_s_last_step > 0).all()
     assert (table.peak_rss_mb >= table.start_rss_mb).all() and (table.start_rss_mb > 0).all()
@@ -123,9 +123,7 @@ def test_scaling_benchmark_writes_its_table(tmp_path, capsys):
 def test_channels_last_effect_benchmark_writes_its_table(tmp_path):
     effect = benchmark("channels_last_effect")
     output = tmp_path / "channels_last_effect.csv"
-    effect.main(["--tiny", "--threads", "1", "--output", str(output)])
-    table = pd.read_csv(output)
-    assert list(table.columns) == effect.COLUMNS
+    table = tiny_table(effect, output)
     assert list(zip(table.setting, table.strategy)) == [("task", "naive"), ("class", "ccgn")]
     assert ((table.nchw_s > 0) & (table.channels_last_s > 0)).all()
     accuracies = table[["final_accuracy_nchw", "final_accuracy_channels_last"]].to_numpy()
@@ -166,9 +164,7 @@ def test_the_nchw_layout_leaves_channels_last_behind_in_a_fresh_process():
 def test_freezable_batch_norm_benchmark_checks_the_alternatives_compute_the_same(tmp_path):
     freezable = benchmark("freezable_batch_norm")
     output = tmp_path / "freezable_batch_norm.csv"
-    freezable.main(["--tiny", "--threads", "1", "--output", str(output)])
-    table = pd.read_csv(output)
-    assert list(table.columns) == freezable.COLUMNS
+    table = tiny_table(freezable, output)
     variants = {"clbench", "two_batch_norms", "single_pass"}
     layers, steps = table[table.scope == "batch_norm"], table[table.scope == "ccgn_step"]
     assert len(layers) == 3 * len(freezable.SHAPES) * len(freezable.FROZEN_SHARES) and set(layers.variant) == variants
@@ -184,9 +180,7 @@ def test_compact_revisions_benchmark_times_this_checkout_against_a_commit(tmp_pa
         pytest.skip("not a git checkout: no commit to compare with")
     revisions = benchmark("compact_revisions")
     output = tmp_path / "compact_revisions.csv"
-    revisions.main(["--tiny", "--threads", "1", "--against", "HEAD", "--output", str(output)])
-    table = pd.read_csv(output)
-    assert list(table.columns) == revisions.COLUMNS
+    table = tiny_table(revisions, output, "--against", "HEAD")
     assert len(table) == 3 * 2 * 2 and (table.ratio_best > 0).all()
     with pytest.raises(SystemExit, match="cannot read clbench/compact.py"):
         revisions.main(["--tiny", "--against", "no-such-revision", "--output", str(output)])
@@ -205,9 +199,7 @@ def test_compact_revisions_benchmark_times_this_checkout_against_a_commit(tmp_pa
 def test_allocator_benchmark_compares_processes_with_and_without_kept_memory(tmp_path, capsys):
     allocator = benchmark("allocator")
     output = tmp_path / "allocator.csv"
-    allocator.main(["--tiny", "--threads", "1", "--output", str(output)])
-    table = pd.read_csv(output)
-    assert list(table.columns) == allocator.COLUMNS
+    table = tiny_table(allocator, output)
     assert set(table.workload) == {"small_cnn_train", "small_cnn_eval", "resnet18_train", "resnet18_eval",
                                    "run_naive", "run_ccgn"}
     faults = table[table.workload == "small_cnn_eval"].set_index("variant").page_faults_per_call
@@ -219,9 +211,7 @@ def test_allocator_benchmark_compares_processes_with_and_without_kept_memory(tmp
 def test_pool_before_relu_benchmark_finds_both_orders_equal_and_sees_a_wrong_one(tmp_path, monkeypatch):
     pool_before_relu = benchmark("pool_before_relu")
     output = tmp_path / "pool_before_relu.csv"
-    pool_before_relu.main(["--tiny", "--threads", "1", "--output", str(output)])
-    table = pd.read_csv(output)
-    assert list(table.columns) == pool_before_relu.COLUMNS
+    table = tiny_table(pool_before_relu, output)
     assert set(table.workload) == {"small_cnn_train", "small_cnn_eval", "ccgn_train"}
     assert (table.max_output_difference == 0).all() and (table.max_gradient_difference == 0).all()
     # The former order really is the other one: each ReLU before the pooling it followed.
