@@ -4,7 +4,8 @@ which the class setting runs every learned task's path as one (`TaskPathNet.stac
 `stacked_paths_max_batch`, and a larger batch where the paths share most of their
 channels, column `union_ratio`). The networks of benchmarks/gated_inference.py
 (`clbench.benchmarking.gated_networks`: ccgn's small CNN trained on the embedded Split MNIST
-and with random gates, ResNet-18 of width 16 with random gates), both settings, at each of
+and with random gates, ResNet-18 of width 16 with random gates; or instead, with `--runs`,
+the networks of finished runs whose checkpoints were kept), both settings, at each of
 `--batches`: one set of channels for the batch, the kept ones (`kept`); each sample's own
 (`per_sample`); in the class setting the paths run as one (`stacked`); what clbench's
 defaults pick (`clbench`); and what the issue asks the gated network to beat, the dense
@@ -16,7 +17,7 @@ median per pass, and the dense execution's best time over each one's. The gated
 executions must give the same outputs (within float tolerance) and MACs, or the script
 stops.
 
-Usage: python benchmarks/batch_thresholds.py [--threads 1] [--tiny]
+Usage: python benchmarks/batch_thresholds.py [--threads 1] [--tiny] [--runs RUN_DIR ...]
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from clbench.models import build_model
 from clbench.path_network import TaskPathNet
 
 RESULTS = Path(__file__).parent / "results" / "batch_thresholds.csv"
-COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "speedup_over_dense",
-           "union_ratio", "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche",
-           "clbench_commit"]
+COLUMNS = ["backbone", "width", "gates", "trained_on", "setting", "batch", "execution", "best_ms", "median_ms",
+           "speedup_over_dense", "union_ratio", "rounds", "repeats", "machine", "cores", "torch_threads", "python",
+           "torch", "avalanche", "clbench_commit"]
 DEFAULTS = {name: getattr(TaskPathNet, name)
             for name in ("per_sample_channels", "per_sample_from_batch", "stacked_paths_max_batch")}
 
@@ -66,12 +67,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     parser.add_argument("--trained-on", default="split_mnist_mini",
                         help="scenario on which ccgn's small CNN is trained [%(default)s]")
+    parser.add_argument("--runs", type=Path, nargs="+", default=[], metavar="RUN_DIR",
+                        help="time the networks of these finished runs (kept with --keep-checkpoints) instead")
     args = parser.parse_args(argv)
     rounds, repeats = (2, 1) if args.tiny else (args.rounds, args.repeats)
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        for backbone, width, gates, setting, spec, model, images in gated_networks(args.tiny, args.trained_on):
+        networks = gated_networks(args.tiny, args.trained_on, args.runs)
+        for backbone, width, gates, trained_on, setting, spec, model, images in networks:
             dense = build_model(spec).eval()
             with torch.no_grad():
                 union_ratio = "" if setting == "task" else \
@@ -88,8 +92,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     times = interleaved_times(runs, rounds, passes)
                     fastest_dense = min(next(measured for name, measured in times.items() if "dense" in name))
                     for name, measured in times.items():
-                        rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
-                                     "batch": batch, "execution": name, **best_and_median_ms(measured),
+                        rows.append({"backbone": backbone, "width": width, "gates": gates, "trained_on": trained_on,
+                                     "setting": setting, "batch": batch, "execution": name,
+                                     **best_and_median_ms(measured),
                                      "speedup_over_dense": round(fastest_dense / min(measured), 2),
                                      "union_ratio": union_ratio, "rounds": rounds, "repeats": passes, **machine})
     for row in rows:

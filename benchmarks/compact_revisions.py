@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        for backbone, width, gates, setting, _, here, images in gated_networks(args.tiny, args.trained_on):
+        for backbone, width, gates, _, setting, _, here, images in gated_networks(args.tiny, args.trained_on):
             against = copy.deepcopy(here)
 
             def run_against(x, t, against=against):

@@ -14,7 +14,10 @@ once per learned task (`dense_every_path`), what running every path densely woul
 
 Two kinds of gates (column `gates`). `trained`: the small CNN as ccgn learns it, trained
 by `clbench run` on the embedded Split MNIST (`--trained-on`, 1 epoch per task, seed 0,
-in each setting), timed on that scenario's test images of the first task. `random`: no
+in each setting), timed on that scenario's test images of the first task; or instead, with
+`--runs`, the networks of finished runs whose checkpoints were kept (`clbench run ...
+--keep-checkpoints`: a ResNet-18 trained on a GPU, say), timed on their scenario's test
+images of the first task (column `trained_on`: scenario and epochs per task). `random`: no
 training, so ResNet-18 fits on a CPU: 5 tasks learned by hand, each allowed a random 25%
 of every layer's kernels, with untrained gating modules that open about half of those
 per sample (their batch norms, like the backbone's, hold the statistics of random
@@ -30,7 +33,7 @@ channels some sample of the batch opens against how many the task keeps (column
 `batch_open_channels`): where these are equal, running a batch on the channels its samples
 open saves nothing over the compact path.
 
-Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on SCENARIO]
+Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on SCENARIO | --runs RUN_DIR ...]
 """
 
 from __future__ import annotations
@@ -50,9 +53,9 @@ from clbench.path_network import TaskPathNet
 from clbench.runner import dense_macs
 
 RESULTS = Path(__file__).parent / "results" / "gated_inference.csv"
-COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "macs_per_sample",
-           "speedup_measured", "speedup_macs", "kept_macs_per_sample", "speedup_kept_macs", "gate_patterns",
-           "batch_open_channels",
+COLUMNS = ["backbone", "width", "gates", "trained_on", "setting", "batch", "execution", "best_ms", "median_ms",
+           "macs_per_sample", "speedup_measured", "speedup_macs", "kept_macs_per_sample", "speedup_kept_macs",
+           "gate_patterns", "batch_open_channels",
            "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
 
@@ -123,12 +126,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     parser.add_argument("--trained-on", default="split_mnist_mini",
                         help="scenario on which ccgn's small CNN is trained [%(default)s]")
+    parser.add_argument("--runs", type=Path, nargs="+", default=[], metavar="RUN_DIR",
+                        help="time the networks of these finished runs (kept with --keep-checkpoints) instead")
     args = parser.parse_args(argv)
     rounds, repeats = (2, 1) if args.tiny else (args.rounds, args.repeats)
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        for backbone, width, gates, setting, spec, gated, images in gated_networks(args.tiny, args.trained_on):
+        networks = gated_networks(args.tiny, args.trained_on, args.runs)
+        for backbone, width, gates, trained_on, setting, spec, gated, images in networks:
             for batch in (1, 64):
                 x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
                 with torch.no_grad():
@@ -138,8 +144,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         execute()
                     times = interleaved_times(runs, rounds, repeats)
                 for name, measured in times.items():
-                    rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
-                                 "batch": batch, "execution": name, **best_and_median_ms(measured),
+                    rows.append({"backbone": backbone, "width": width, "gates": gates, "trained_on": trained_on,
+                                 "setting": setting, "batch": batch, "execution": name, **best_and_median_ms(measured),
                                  "macs_per_sample": round(macs[name]),
                                  "speedup_measured": round(min(times["dense"]) / min(measured), 2),
                                  "speedup_macs": round(macs["dense"] / macs[name], 2),

@@ -11,11 +11,12 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from importlib import metadata
 from itertools import product
 from pathlib import Path
+from typing import NamedTuple
 from unittest import mock
 
 import torch
@@ -27,7 +28,6 @@ import clbench.compact  # noqa: F401
 import clbench.models  # noqa: F401
 import clbench.path_network  # noqa: F401
 
-from clbench import checkpoint
 from clbench.allocator import keep_freed_memory
 from clbench.config import RunConfig
 from clbench.datasets.images import ImageArrayDataset
@@ -37,7 +37,7 @@ from clbench.models import ModelSpec
 from clbench.path_network import TaskPathNet
 from clbench.registry import get_strategy
 from clbench.results import git_commit
-from clbench.runner import run, run_scenario
+from clbench.runner import load_checkpointed_run, run
 from clbench.sweep import available_cores
 
 
@@ -167,17 +167,28 @@ def random_gated_model(spec: ModelSpec, allowed: float = RANDOM_GATED_ALLOWED) -
 
 
 def trained_gated_model(scenario: str, setting: str, width: int,
-                        folder: str) -> tuple[TaskPathNet, ModelSpec, torch.Tensor]:
+                        folder: str) -> tuple[ModelSpec, TaskPathNet, torch.Tensor]:
     """ccgn's small CNN trained by clbench on `scenario` (1 epoch per task, seed 0) into
-    `folder`, its spec, and 64 of the scenario's test images of the first task."""
+    `folder`, as `trained_network` reads it."""
     cfg = RunConfig(scenario=scenario, strategy="ccgn", setting=setting, width=width, keep_checkpoints=True,
                     results_dir=folder)
-    run_dir = run(cfg).run_dir
-    data = run_scenario(cfg)
-    spec = ModelSpec("small_cnn", width, data.spec.input_shape, setting, data.task_classes)
+    return trained_network(run(cfg).run_dir)[1:]
+
+
+def trained_network(run_dir: Path) -> tuple[RunConfig, ModelSpec, TaskPathNet, torch.Tensor]:
+    """The network of a finished run whose checkpoint was kept (`clbench run
+    --keep-checkpoints`): the run's configuration, the network's spec, the network, and 64
+    of the scenario's test images of the first task. Exits with the reason where the run
+    has no checkpoint or its network has no per-task paths."""
+    cfg, data, state = load_checkpointed_run(run_dir)
+    model = state["trainer"].model.eval()
+    if not isinstance(model, TaskPathNet):
+        raise SystemExit(f"{run_dir} is a {cfg.strategy} run: the gated benchmarks time networks of per-task paths "
+                         "(ccgn, hat)")
+    spec = ModelSpec(cfg.backbone, cfg.width, data.spec.input_shape, cfg.setting, data.task_classes)
     test = data.benchmark.test_stream[0].dataset
     images = torch.stack([test[i % len(test)][0] for i in range(64)])
-    return checkpoint.load(run_dir, data)["trainer"].model.eval(), spec, images
+    return cfg, spec, model, images
 
 
 # The inference benchmarks' backbones: their width (4 where a benchmark is `tiny`) and input.
@@ -194,21 +205,43 @@ def gated_network(backbone: str, width: int, gates: str, setting: str, trained_o
     torch.manual_seed(0)
     if gates == "trained":
         with tempfile.TemporaryDirectory() as folder:
-            model, spec, images = trained_gated_model(trained_on, setting, width, folder)
-        return spec, model, images
+            return trained_gated_model(trained_on, setting, width, folder)
     shape = GATED_BACKBONES[backbone][1]
     spec = ModelSpec(backbone, width, shape, setting, [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)])
     return spec, random_gated_model(spec, allowed), torch.randn(64, *shape)
 
 
-def gated_networks(tiny: bool, trained_on: str):
+class GatedNetwork(NamedTuple):
+    """A network the inference benchmarks time, and what its rows say of it: `gates`
+    "trained" or "random", and for trained ones the scenario and epochs per task
+    (`trained_on`)."""
+
+    backbone: str
+    width: int
+    gates: str
+    trained_on: str
+    setting: str
+    spec: ModelSpec
+    model: TaskPathNet
+    images: torch.Tensor
+
+
+def gated_networks(tiny: bool, trained_on: str, runs: Sequence[Path] = ()) -> Iterator[GatedNetwork]:
     """The gated networks the inference benchmarks time: ccgn's small CNN of width 32
-    trained on `trained_on` and with random gates (`random_gated_model`), and ResNet-18
-    of width 16 with random gates (width 4 each where `tiny`), in the task and class
-    settings. Yields backbone, width, gates ("trained" or "random"), setting, spec, the
-    network and 64 inputs (test images of the first task, or random ones)."""
+    trained on `trained_on` (1 epoch per task) and with random gates
+    (`random_gated_model`), and ResNet-18 of width 16 with random gates (width 4 each
+    where `tiny`), in the task and class settings; or instead, where `runs` are given,
+    the networks those finished runs trained (`trained_network`)."""
+    for run_dir in runs:
+        cfg, spec, model, images = trained_network(run_dir)
+        yield GatedNetwork(cfg.backbone, cfg.width, "trained", f"{cfg.scenario}, epochs {cfg.epochs}", cfg.setting,
+                           spec, model, images)
+    if runs:
+        return
     for backbone, gates, setting in product(GATED_BACKBONES, ("trained", "random"), ("task", "class")):
         if gates == "trained" and backbone != "small_cnn":
             continue
         width = TINY_WIDTH if tiny else GATED_BACKBONES[backbone][0]
-        yield backbone, width, gates, setting, *gated_network(backbone, width, gates, setting, trained_on)
+        trained = f"{trained_on}, epochs {RunConfig().epochs}" if gates == "trained" else ""
+        yield GatedNetwork(backbone, width, gates, trained, setting, *gated_network(backbone, width, gates, setting,
+                                                                                    trained_on))

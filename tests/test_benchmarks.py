@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from conftest import ROOT, load_script
 
 from clbench import compact, models
-from clbench.benchmarking import LAYOUT_USERS, layout
+from clbench.benchmarking import LAYOUT_USERS, layout, trained_network
+from clbench.config import RunConfig
+from clbench.datasets.scenarios import build_scenario
 from clbench.models import ModelSpec
 from clbench.registry import get_strategy
+from clbench.runner import run
 
 benchmark = partial(load_script, "benchmarks")
 
@@ -108,6 +111,28 @@ def test_batch_thresholds_benchmark_writes_its_table(tiny_scenario, tmp_path, ca
     monkeypatch.setattr(CompactPath, "stacked", negated_logits)
     with pytest.raises(SystemExit, match="computed different things"):
         thresholds.main([*arguments, "--batches", "2"])
+
+
+def test_the_inference_benchmarks_time_the_networks_of_finished_runs(tiny_scenario, tmp_path):
+    """With --runs, the gated benchmarks time the networks those runs trained (read from
+    their checkpoints), and only those; a run without a checkpoint, or whose network has no
+    per-task paths, is refused with the reason."""
+    runs = {strategy: run(RunConfig(scenario=tiny_scenario, strategy=strategy, setting="class", width=8,
+                                    results_dir=str(tmp_path), keep_checkpoints=True)).run_dir
+            for strategy in ("ccgn", "naive")}
+    _, spec, model, images = trained_network(runs["ccgn"])
+    test = build_scenario(tiny_scenario, "class").benchmark.test_stream[0].dataset
+    assert model.tasks_learned == 5 and (spec.backbone, spec.width, spec.setting) == ("small_cnn", 8, "class")
+    assert torch.equal(images[:3], torch.stack([test[i][0] for i in range(3)]))
+    for script, arguments in (("gated_inference", ()), ("batch_thresholds", ("--batches", "1"))):
+        table = tiny_table(benchmark(script), tmp_path / f"{script}.csv", "--runs", str(runs["ccgn"]), *arguments)
+        assert set(zip(table.backbone, table.width, table.gates, table.trained_on, table.setting)) == \
+            {("small_cnn", 8, "trained", f"{tiny_scenario}, epochs 1", "class")}
+    with pytest.raises(SystemExit, match="naive run"):
+        trained_network(runs["naive"])
+    (runs["ccgn"] / "checkpoint.pt").unlink()
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        trained_network(runs["ccgn"])
 
 
 def test_scaling_benchmark_writes_its_table(tmp_path, capsys):
