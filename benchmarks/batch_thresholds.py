@@ -1,5 +1,5 @@
 """How ccgn's compact paths should run a batch of each size: the batch sizes from which
-they compute each sample's open channels (`TaskPathNet.per_sample_from_batch`) and up to
+they compute each sample's open channels (the backbone's `per_sample_from_batch`) and up to
 which the class setting runs every learned task's path as one (`TaskPathNet.stacked_path`:
 `stacked_paths_max_batch`, and a larger batch where the paths share most of their
 channels, column `union_ratio`). The networks of benchmarks/gated_inference.py
@@ -36,24 +36,25 @@ RESULTS = Path(__file__).parent / "results" / "batch_thresholds.csv"
 COLUMNS = ["backbone", "width", "gates", "trained_on", "setting", "batch", "execution", "best_ms", "median_ms",
            "speedup_over_dense", "union_ratio", "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
-DEFAULTS = {name: getattr(TaskPathNet, name)
-            for name in ("per_sample_channels", "per_sample_from_batch", "stacked_paths_max_batch")}
+DEFAULTS = {name: getattr(TaskPathNet, name) for name in ("per_sample_channels", "stacked_paths_max_batch")}
 
 
 def executions(model, dense, setting: str, x: torch.Tensor, t: torch.Tensor) -> dict:
-    def gated(**settings):
+    def gated(per_sample_from_batch: int | None, **settings):
+        """clbench's defaults but for `settings`, with the backbone computing each sample's
+        channels from `per_sample_from_batch` (None: never)."""
         def run():
-            for name, value in settings.items():
+            model.backbone.per_sample_from_batch = per_sample_from_batch
+            for name, value in {**DEFAULTS, **settings}.items():
                 setattr(model, name, value)
             return model.forward_with_macs(x, t)
         return run
 
-    runs = {"kept": gated(per_sample_channels=False, stacked_paths_max_batch=0),
-            "per_sample": gated(per_sample_channels=True, per_sample_from_batch=1, stacked_paths_max_batch=0),
-            "clbench": gated(**DEFAULTS)}
+    runs = {"kept": gated(None, stacked_paths_max_batch=0), "per_sample": gated(1, stacked_paths_max_batch=0),
+            "clbench": gated(type(model.backbone).per_sample_from_batch)}
     if setting == "task":
         return {**runs, "dense": lambda: dense(x, t)}
-    return {**runs, "stacked": gated(per_sample_channels=False, stacked_paths_max_batch=len(x)),
+    return {**runs, "stacked": gated(None, stacked_paths_max_batch=len(x)),
             "dense_every_path": lambda: [dense(x) for _ in range(model.tasks_learned)]}
 
 

@@ -91,7 +91,7 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
     gated.stacked_paths_max_batch = 0  # each path on its own, at every batch size
     unpadded, per_sample, stacked = copy.deepcopy(gated), copy.deepcopy(gated), copy.deepcopy(gated)
     unpadded.per_sample_channels = False
-    per_sample.per_sample_from_batch = 1  # at a batch of one too, where clbench computes the kept channels
+    per_sample.backbone.per_sample_from_batch = 1  # at every batch, where clbench computes the kept channels
     stacked.stacked_paths_max_batch = len(x)  # at every batch size, where clbench stacks small batches
     with mock.patch.object(compact, "CHANNEL_MULTIPLE", 1):
         unpadded.forward_with_macs(x, t)  # cut, and kept until the model changes, which it does not here

@@ -39,7 +39,7 @@ def executions(model, x: torch.Tensor, t: torch.Tensor, thresholds: list[int]) -
 
     def per_sample(threshold: int):
         def run():
-            model.per_sample_channels, model.per_sample_from_batch = True, 1  # also at `--tiny`'s batch
+            model.per_sample_channels, model.backbone.per_sample_from_batch = True, 1  # which ResNet-18 never does
             with mock.patch.object(compact, "PER_SAMPLE_MIN_POSITIONS", threshold):
                 return model.forward_with_macs(x, t)
         return run

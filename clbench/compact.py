@@ -4,8 +4,8 @@ mask can open, so that closed channels cost no time. The masked layers of
 sparse gates that is as slow as the dense network.
 
 Each masked layer keeps the output channels of `PathLayer.kept_channels(task)` and the
-input channels its input layer kept; after a residual block with an identity shortcut a
-channel is kept where either the block's input or its second conv keeps it. Weights,
+input channels its input layer kept; in a ResNet stage, the layers adding into the
+residual stream all keep the channels any of them keeps (`residual_streams`). Weights,
 biases, batch norms, the gating modules' first layer and the head are cut alike, and each
 batch norm is folded into the layer before it. A channel cut away is exactly zero in the
 masked network, so the outputs are the masked network's up to the rounding of float sums
@@ -58,8 +58,8 @@ def kept(layer: PathLayer, tasks: tuple[int, ...]) -> torch.Tensor:
 
 
 def widen(x: torch.Tensor, index: torch.Tensor, channels: int) -> torch.Tensor:
-    """`x` (batch x kept channels x ...) placed at channels `index` of `channels` zero ones."""
-    return x.new_zeros(len(x), channels, *x.shape[2:]).index_copy_(1, index, x)
+    """`x` (batch x kept channels) placed at channels `index` of `channels` zero ones."""
+    return x.new_zeros(len(x), channels).index_copy_(1, index, x)
 
 
 # oneDNN's float convolutions and channels-last max-pooling on AVX2 run fastest at a
@@ -253,7 +253,7 @@ class CompactLayer:
         if keeps_any(layer, tasks).any():
             self.mask = layer.compact_mask(tasks, kept_in, kept_out)
         else:
-            self.mask = lambda x: x.new_zeros(len(x), 1)
+            self.mask = lambda x: x.new_zeros(len(x), len(kept_out))
         self.kernel = layer.layer.weight[0].numel() // layer.in_units * inputs_per_unit
         self.mask_macs = layer.mask_macs
 
@@ -363,38 +363,39 @@ class CompactSmallCNN:
         return x, count.total()
 
 
-def positions_among(channels: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-    """The position of each of `channels` among `side` (both sorted), len(side) where
-    `side` lacks it."""
-    found = torch.searchsorted(side, channels).clamp(max=len(side) - 1)
-    return torch.where(side[found] == channels, found, len(side))
+def residual_streams(network: PathResNet18, tasks: tuple[int, ...]) -> list[torch.Tensor]:
+    """The channels of the residual stream after the stem and after each block: in each
+    stage, every channel that a layer adding into the stream keeps (the stem or the stage's
+    first block with its projection shortcut, then each block's second conv). With one set
+    for the stage, an identity shortcut adds its input as it is: placing both sides on the
+    union of their channels took up to twice as long as the convolutions around it (a
+    channels-last tensor's channels are scattered one by one)."""
+    stages = [[network.stem]]
+    for block in network.blocks:
+        if block.conv2.tied is not None:  # a projection shortcut starts a new stream
+            stages.append([])
+        stages[-1].append(block.conv2)
+    return [stream for layers in stages
+            for stream in [torch.unique(torch.cat([kept(layer, tasks) for layer in layers]))] * len(layers)]
 
 
 class CompactBlock:
-    """`PathBasicBlock` cut to its tasks' channels, given those its input keeps; its
-    output holds channels `kept` of `out_units`."""
+    """`PathBasicBlock` cut to its tasks' channels: from its input's `kept_in` to its
+    output's `stream` (`residual_streams`, which an identity shortcut's input holds too)."""
 
-    def __init__(self, block: PathBasicBlock, tasks: tuple[int, ...], kept_in: torch.Tensor):
-        self.out_units = block.conv2.out_units
-        middle, out = kept(block.conv1, tasks), kept(block.conv2, tasks)
+    def __init__(self, block: PathBasicBlock, tasks: tuple[int, ...], kept_in: torch.Tensor, stream: torch.Tensor):
+        self.out_units, self.kept = block.conv2.out_units, stream
+        middle = kept(block.conv1, tasks)
         self.conv1 = CompactLayer(block.conv1, tasks, kept_in, middle)
-        self.conv2 = CompactLayer(block.conv2, tasks, middle, out)
-        self.shortcut = None if block.conv2.tied is None else CompactConv(*block.conv2.tied, kept_in, out)
-        self.kept = out
-        if self.shortcut is None:  # identity: a channel is kept where either side keeps it
-            self.kept = torch.unique(torch.cat([kept_in, out]))
-            self.from_conv, self.from_input = torch.searchsorted(self.kept, out), torch.searchsorted(self.kept, kept_in)
-            self.to_conv, self.to_input = positions_among(self.kept, out), positions_among(self.kept, kept_in)
+        self.conv2 = CompactLayer(block.conv2, tasks, middle, stream)
+        self.shortcut = None if block.conv2.tied is None else CompactConv(*block.conv2.tied, kept_in, stream)
 
     def __call__(self, x: torch.Tensor, active_in: torch.Tensor, count: MacCount) -> tuple[torch.Tensor, torch.Tensor]:
         """Output and its active channels; MACs per sample go to `count`."""
         h, mask1 = self.conv1(x, active_in, count)
         out, mask2 = self.conv2(F.relu(h), mask1, count)
         if self.shortcut is None:
-            channels = len(self.kept)
-            out = widen(out, self.from_conv, channels).index_add_(1, self.from_input, x)
-            active = torch.maximum(widen(mask2, self.from_conv, channels), widen(active_in, self.from_input, channels))
-            return F.relu(out), active
+            return F.relu(out + x), torch.maximum(mask2, active_in)
         count.add(active_in, mask2, out.shape[2] * out.shape[3])
         shortcut = self.shortcut(x)[:, :self.shortcut.out_channels]
         return F.relu(out + shortcut * mask2[:, :, None, None]), mask2
@@ -403,11 +404,9 @@ class CompactBlock:
         """As a call, on each sample's open channels only."""
         out = self.conv2.per_sample(self.conv1.per_sample(x, count, then=F.relu), count)
         if self.shortcut is None:  # each sample's channels of either side, the sum where both have them
-            channels = len(self.kept)
-            active = torch.maximum(widen(out.active, self.from_conv, channels),
-                                   widen(x.active, self.from_input, channels))
+            active = torch.maximum(out.active, x.active)
             index = open_first(active)
-            summed = out.columns(self.to_conv[index]) + x.columns(self.to_input[index])
+            summed = out.columns(index) + x.columns(index)
             return SampleChannels.of_columns(summed.relu_(), index, active, out.values.shape[2:])
         count.add(x.active, out.active, out.values.shape[2] * out.values.shape[3])
         shortcut = self.shortcut.per_sample(x, out.index) * out.active.gather(1, out.index).view(1, -1, 1, 1)
@@ -420,13 +419,12 @@ class CompactResNet18:
 
     def __init__(self, network: PathResNet18, tasks: tuple[int, ...]):
         self.in_channels = network.in_channels
+        streams = residual_streams(network, tasks)
         all_inputs = torch.arange(self.in_channels, device=network.stem.layer.weight.device)
-        self.stem = CompactLayer(network.stem, tasks, all_inputs, kept(network.stem, tasks))
-        self.blocks, kept_in = [], self.stem.kept
-        for block in network.blocks:
-            self.blocks.append(CompactBlock(block, tasks, kept_in))
-            kept_in = self.blocks[-1].kept
-        self.kept = kept_in
+        self.stem = CompactLayer(network.stem, tasks, all_inputs, streams[0])
+        self.blocks = [CompactBlock(block, tasks, kept_in, stream)
+                       for block, kept_in, stream in zip(network.blocks, streams, streams[1:])]
+        self.kept = streams[-1]
         self.layers = [self.stem] + [conv for block in self.blocks for conv in (block.conv1, block.conv2)]
 
     def __call__(self, x: torch.Tensor, stages: list[torch.Tensor] | None = None,

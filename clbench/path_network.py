@@ -194,6 +194,11 @@ class PathSmallCNN(nn.Module):
     units on the fully connected layer (the same function with every mask open, tested).
     `make_layer(layer, norm, tied=None)` builds the masked layers."""
 
+    # The smallest batch on which compact paths compute each sample's open channels
+    # (`TaskPathNet.runs_per_sample`): on smaller ones the kept channels, padded, took less
+    # time (`benchmarks/batch_thresholds.py`).
+    per_sample_from_batch = 16
+
     def __init__(self, in_channels: int, width: int, input_size: int, make_layer: Callable):
         super().__init__()
         self.in_channels, self.out_features = in_channels, 4 * width
@@ -253,6 +258,11 @@ class PathResNet18(nn.Module):
     """`clbench.models.ResNet18` (CIFAR stem, `width` channels in the first stage) with
     every conv masked (the same function with every mask open, tested)."""
 
+    # Never each sample's channels (`TaskPathNet.runs_per_sample`): the kept ones took less
+    # time at every batch up to 64, with random gates and with trained ones
+    # (`benchmarks/batch_thresholds.py`, `benchmarks/gated_inference.py`).
+    per_sample_from_batch = None
+
     def __init__(self, in_channels: int, width: int, input_size: int, make_layer: Callable):
         super().__init__()
         self.in_channels, self.out_features = in_channels, 8 * width
@@ -296,7 +306,6 @@ class TaskPathNet(MultiTaskModule):
     stacked_paths_max_batch = 4  # class setting: the largest batch for which the paths run as one (`stacked_path`)
     compile_compact = False  # True: compact paths compiled by torch.compile (`clbench.compact.CompactPath`)
     per_sample_channels = True  # False: compact paths compute the same channels for every sample of a batch
-    per_sample_from_batch = 16  # the smallest batch for which they compute each sample's (`runs_per_sample`)
     normalise_task_features = False  # set by the strategy's classifier_input
 
     def __init__(self, backbone: nn.Module, spec: ModelSpec, classifier_layers: str = "last"):
@@ -344,10 +353,10 @@ class TaskPathNet(MultiTaskModule):
 
     def runs_per_sample(self, x: torch.Tensor) -> bool:
         """Whether compact paths compute each sample's open channels, where masks differ
-        between samples (`clbench.compact.SampleChannels`): for batches of at least
-        `per_sample_from_batch`. On smaller batches, and on ResNet-18 at any batch up to 64,
-        computing the kept channels, padded, took less time (`benchmarks/batch_thresholds.py`)."""
-        return self.per_sample_channels and len(x) >= self.per_sample_from_batch
+        between samples (`clbench.compact.SampleChannels`): for batches of at least the
+        backbone's `per_sample_from_batch` (None: never)."""
+        threshold = self.backbone.per_sample_from_batch
+        return self.per_sample_channels and threshold is not None and len(x) >= threshold
 
     def stacked_path(self, x: torch.Tensor) -> CompactPath | None:
         """The class setting's compact paths run as one, on the batch repeated once per

@@ -2,8 +2,8 @@
 with) predict what its masked layers predict? Loads the final checkpoint of a ccgn or HAT
 run (`clbench run ... --keep-checkpoints`), runs every task's test set (batches of 256)
 through the compact paths computing each sample's open channels (`per_sample`, clbench's
-default at that batch size), through those computing one set of channels per batch
-(`compact`), in the class setting through every learned task's path run as one
+default at that batch size on the small CNN), through those computing one set of channels
+per batch (`compact`, ResNet-18's default), in the class setting through every learned task's path run as one
 (`stacked`, clbench's default on batches of up to 4) and through the masked layers, and
 prints per task the accuracy each way, and for each compact
 execution the test samples whose prediction differs from the masked layers', those whose
@@ -23,16 +23,18 @@ from clbench.runner import load_checkpointed_run
 
 
 BATCH = 256
-EXECUTIONS = {"per_sample": dict(compact_inference=True, per_sample_channels=True, stacked_paths_max_batch=0),
-              "compact": dict(compact_inference=True, per_sample_channels=False, stacked_paths_max_batch=0),
-              "stacked": dict(compact_inference=True, stacked_paths_max_batch=BATCH),  # the class setting's only
-              "masked": dict(compact_inference=False)}
+# Settings of the network, and from which batch its backbone computes each sample's channels.
+EXECUTIONS = {"per_sample": (dict(compact_inference=True, per_sample_channels=True, stacked_paths_max_batch=0), 1),
+              "compact": (dict(compact_inference=True, per_sample_channels=False, stacked_paths_max_batch=0), None),
+              "stacked": (dict(compact_inference=True, stacked_paths_max_batch=BATCH), None),  # the class setting's only
+              "masked": (dict(compact_inference=False), None)}
 
 
 @torch.no_grad()
 def predictions(model, dataset, execution: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Predicted classes, true classes and MACs per sample of `dataset`."""
-    for attribute, value in EXECUTIONS[execution].items():
+    settings, model.backbone.per_sample_from_batch = EXECUTIONS[execution]
+    for attribute, value in settings.items():
         setattr(model, attribute, value)
     predicted, true, macs = [], [], []
     for x, y, t in DataLoader(dataset, batch_size=BATCH):

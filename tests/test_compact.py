@@ -30,7 +30,8 @@ def learned_model(strategy: str, backbone: str, setting: str, hparams: dict | No
     batch norms hold the statistics of `inputs()` (so the signal neither dies nor
     explodes) and affine parameters away from their initial ones; then ccgn's tasks may
     open 40% of each layer's kernels, HAT's masks are exactly 0 for 40% of the channels,
-    1 for most others and fractional for the rest; task 2 keeps nothing of the second layer."""
+    1 for most others and fractional for the rest; task 2 keeps nothing of the second layer
+    (nor, on ResNet-18, of the third, which adds into the residual stream)."""
     torch.manual_seed(0)
     spec = ModelSpec(backbone, 8, (1, 28, 28), setting, [list(classes) for classes in task_classes])
     model = get_strategy(strategy).from_hparams(hparams or {}).make_model(spec)
@@ -52,11 +53,11 @@ def learned_model(strategy: str, backbone: str, setting: str, hparams: dict | No
                 embedding = layer.embedding.weight
                 kind = torch.rand(embedding.shape)
                 embedding.copy_(torch.where(kind < 0.4, -1.0, torch.where(kind < 0.85, 1.0, 0.005 * torch.randn_like(embedding))))
-        nothing = model.path_layers[1]
-        if isinstance(nothing, GatedLayer):
-            nothing.allowed[1] = False
-        else:
-            nothing.embedding.weight[1] = -1.0
+        for nothing in model.path_layers[1:3 if backbone == "resnet18" else 2]:
+            if isinstance(nothing, GatedLayer):
+                nothing.allowed[1] = False
+            else:
+                nothing.embedding.weight[1] = -1.0
     model.tasks_learned = 2
     return model.eval()
 
@@ -97,7 +98,7 @@ def test_compact_paths_compute_what_the_masked_layers_do(strategy, backbone, set
     paths are smaller than the network. Computing each sample's open channels
     (`per_sample_channels`, here from a batch of 2) or one set for the batch alike."""
     model = learned_model(strategy, backbone, setting)
-    model.per_sample_channels, model.per_sample_from_batch, model.stacked_paths_max_batch = per_sample, 2, 0
+    model.per_sample_channels, model.backbone.per_sample_from_batch, model.stacked_paths_max_batch = per_sample, 2, 0
     x, tasks = inputs()
     (compact, compact_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
     assert torch.allclose(compact, masked, atol=1e-5)
@@ -155,9 +156,15 @@ def test_stacked_paths_compute_what_the_masked_layers_do(strategy, backbone):
     assert torch.equal(stacked_macs, masked_macs)
     path = model._compact_paths[STACKED]
     assert list(model._compact_paths) == [STACKED] and path.tasks == (0, 1)
+    kept = {layer: layer.kept_channels(0) | layer.kept_channels(1) for layer in model.path_layers}
+    if backbone == "resnet18":  # in each stage, the layers adding into the residual stream keep what any of them keeps
+        stem, blocks = model.backbone.stem, model.backbone.blocks
+        for stage in ([stem, blocks[0].conv2, blocks[1].conv2], *([blocks[i].conv2, blocks[i + 1].conv2]
+                                                                   for i in (2, 4, 6))):
+            stream = torch.stack([kept[layer] for layer in stage]).any(0)
+            kept.update(dict.fromkeys(stage, stream))
     for layer, cut in zip(model.path_layers, path.backbone.layers):
-        union = layer.kept_channels(0) | layer.kept_channels(1)
-        assert torch.equal(cut.kept, union.nonzero().flatten())
+        assert torch.equal(cut.kept, kept[layer].nonzero().flatten())
     assert any(len(cut.kept) < layer.out_units for cut, layer in zip(path.backbone.layers, model.path_layers))
     change_task_mask(model.path_layers[2], 1)
     (stacked, _), (masked, _) = compact_and_masked(model, x, tasks)
@@ -229,7 +236,7 @@ def test_per_sample_channels_run_each_samples_open_channels_where_gates_differ(b
     instead."""
     model = learned_model("ccgn", backbone, "task")
     x, tasks = inputs()
-    model.per_sample_from_batch = len(x)
+    model.backbone.per_sample_from_batch = len(x)
     calls = []
     convolution = compact.CompactConv.per_sample
 
@@ -261,16 +268,25 @@ def test_per_sample_channels_run_each_samples_open_channels_where_gates_differ(b
     if backbone == "resnet18":
         assert min(positions[1]) < compact.PER_SAMPLE_MIN_POSITIONS
     one, hat = learned_model("ccgn", backbone, "task"), learned_model("hat", backbone, "task")
-    hat.per_sample_from_batch = len(x)
+    hat.backbone.per_sample_from_batch = len(x)
     with mock.patch.object(compact.CompactConv, "per_sample", side_effect=AssertionError("per sample")):
         with torch.no_grad():
             model.forward_with_macs(x[1:], torch.zeros_like(tasks[1:]))
             one.forward_with_macs(x[:1], tasks[:1])
             hat.forward_with_macs(x, tasks)
-    one.per_sample_from_batch = 1  # as the benchmark times it
+    one.backbone.per_sample_from_batch = 1  # as the benchmark times it
     with mock.patch.object(compact.CompactConv, "per_sample", side_effect=AssertionError("per sample")):
         with pytest.raises(AssertionError, match="per sample"), torch.no_grad():
             one.forward_with_macs(x[:1], tasks[:1])
+
+
+@pytest.mark.parametrize("backbone, from_batch", [("small_cnn", 16), ("resnet18", None)])
+def test_by_default_only_the_small_cnn_computes_each_samples_channels(backbone, from_batch):
+    """The small CNN's compact paths compute each sample's open channels from a batch of
+    16, ResNet-18's never: its kept channels took less time at every batch up to 64."""
+    model, x = learned_model("ccgn", backbone, "task"), inputs(64)[0]
+    assert [model.runs_per_sample(x[:n]) for n in (15, 16, 64)] == [bool(from_batch) and n >= from_batch
+                                                                    for n in (15, 16, 64)]
 
 
 def test_the_class_settings_shared_first_layer_follows_the_paths_it_serves():
