@@ -1,7 +1,8 @@
 """Compact execution (`clbench/compact.py`) of this checkout against that of another
 commit, in one process, on the networks of benchmarks/gated_inference.py
 (`clbench.benchmarking.gated_networks`: ccgn's small CNN trained on the embedded Split
-MNIST and with random gates, ResNet-18 of width 16 with random gates), task setting (one
+MNIST and with random gates, ResNet-18 of width 16 with random gates; or instead, with
+`--runs`, the networks of finished runs whose checkpoints were kept), task setting (one
 task's path) and class setting (every path and the task classifier), batch 1 and 64.
 The two versions alternate for `--rounds` rounds of `--repeats` passes; best and median
 per pass, and this checkout's best time over the other's. The other commit's module
@@ -9,7 +10,7 @@ stands in for clbench.compact while its network runs. Both must give the same MA
 sample and outputs within float tolerance (checked; a version that computes something
 else is an error, not a row).
 
-Usage: python benchmarks/compact_revisions.py [--against HEAD] [--threads 1] [--tiny]
+Usage: python benchmarks/compact_revisions.py [--against HEAD] [--threads 1] [--tiny] [--runs RUN_DIR ...]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from clbench.benchmarking import (gated_networks, interleaved_times, machine_col
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "compact_revisions.csv"
-COLUMNS = ["backbone", "width", "gates", "setting", "batch", "against", "best_ms_against", "best_ms_here",
+COLUMNS = ["backbone", "width", "gates", "trained_on", "setting", "batch", "against", "best_ms_against", "best_ms_here",
            "median_ms_against", "median_ms_here", "ratio_best", "macs_per_sample", "rounds", "repeats", "machine",
            "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
 
@@ -75,13 +76,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     parser.add_argument("--trained-on", default="split_mnist_mini",
                         help="scenario on which ccgn's small CNN is trained [%(default)s]")
+    parser.add_argument("--runs", type=Path, nargs="+", default=[], metavar="RUN_DIR",
+                        help="time the networks of these finished runs (kept with --keep-checkpoints) instead")
     args = parser.parse_args(argv)
     other, commit = compact_at(args.against)
     rounds = 2 if args.tiny else args.rounds
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        for backbone, width, gates, _, setting, _, here, images in gated_networks(args.tiny, args.trained_on):
+        networks = gated_networks(args.tiny, args.trained_on, args.runs)
+        for backbone, width, gates, trained_on, setting, _, here, images in networks:
             against = copy.deepcopy(here)
 
             def run_against(x, t, against=against):
@@ -101,8 +105,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     times = interleaved_times({"against": lambda: run_against(x, t),
                                        "here": lambda: here.forward_with_macs(x, t)}, rounds, repeats)
                     best = {name: min(measured) for name, measured in times.items()}
-                    rows.append({"backbone": backbone, "width": width, "gates": gates, "setting": setting,
-                                 "batch": batch, "against": commit,
+                    rows.append({"backbone": backbone, "width": width, "gates": gates, "trained_on": trained_on,
+                                 "setting": setting, "batch": batch, "against": commit,
                                  **{f"best_ms_{name}": round(1e3 * value, 3) for name, value in best.items()},
                                  **{f"median_ms_{name}": round(1e3 * statistics.median(measured), 3)
                                     for name, measured in times.items()},
