@@ -280,6 +280,32 @@ def test_per_sample_channels_run_each_samples_open_channels_where_gates_differ(b
             one.forward_with_macs(x[:1], tasks[:1])
 
 
+@pytest.mark.parametrize("per_sample", [True, False])
+@pytest.mark.parametrize("setting", ["task", "class"])
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+def test_compact_paths_keep_the_channels_last_layout_through_every_convolution(backbone, setting, per_sample):
+    """Every convolution of a compact path reads its input with channels innermost (the
+    channels-last layout, or a view of the kept channels of a padded output): a
+    convolution's output follows its input's layout, and every convolution after an NCHW
+    tensor ran in that layout, up to twice as slowly (ResNet-18's identity shortcuts made
+    one until session 20; a layer keeping one channel, which fits both layouts, still
+    can). Each path on its own and, in the class setting, run as one."""
+    model = learned_model("ccgn", backbone, setting)
+    model.per_sample_channels, model.backbone.per_sample_from_batch = per_sample, 2
+    x, tasks = inputs()
+    layouts, convolution = [], F.conv2d
+
+    def conv2d(images, *arguments, **options):
+        layouts.append(images.stride(1) == 1)
+        return convolution(images, *arguments, **options)
+
+    with mock.patch.object(F, "conv2d", conv2d), torch.no_grad():
+        for stacked_up_to in (0, len(x)):
+            model.stacked_paths_max_batch = stacked_up_to
+            model.forward_with_macs(x, tasks)
+    assert layouts and all(layouts)
+
+
 @pytest.mark.parametrize("backbone, from_batch", [("small_cnn", 16), ("resnet18", None)])
 def test_by_default_only_the_small_cnn_computes_each_samples_channels(backbone, from_batch):
     """The small CNN's compact paths compute each sample's open channels from a batch of
