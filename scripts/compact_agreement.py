@@ -26,7 +26,8 @@ BATCH = 256
 # Settings of the network, and from which batch its backbone computes each sample's channels.
 EXECUTIONS = {"per_sample": (dict(compact_inference=True, per_sample_channels=True, stacked_paths_max_batch=0), 1),
               "compact": (dict(compact_inference=True, per_sample_channels=False, stacked_paths_max_batch=0), None),
-              "stacked": (dict(compact_inference=True, stacked_paths_max_batch=BATCH), None),  # the class setting's only
+              # the class setting's only
+              "stacked": (dict(compact_inference=True, stacked_paths_max_batch=BATCH), None),
               "masked": (dict(compact_inference=False), None)}
 
 
