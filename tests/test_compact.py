@@ -289,7 +289,8 @@ def test_compact_paths_keep_the_channels_last_layout_through_every_convolution(b
     convolution's output follows its input's layout, and every convolution after an NCHW
     tensor ran in that layout, up to twice as slowly (ResNet-18's identity shortcuts made
     one until session 20; a layer keeping one channel, which fits both layouts, still
-    can). Each path on its own and, in the class setting, run as one."""
+    can, and the convolution restrides such a map). Each path on its own and, in the
+    class setting, run as one."""
     model = learned_model("ccgn", backbone, setting)
     model.per_sample_channels, model.backbone.per_sample_from_batch = per_sample, 2
     x, tasks = inputs()
