@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from clbench.benchmarking import (best_and_median_ms, gated_networks, interleaved_times, machine_columns, machine_line,
-                                  torch_threads, write_csv)
+from clbench.benchmarking import (add_network_options, best_and_median_ms, gated_networks, interleaved_times,
+                                  machine_columns, machine_line, torch_threads, write_csv)
 from clbench.models import build_model
 from clbench.path_network import TaskPathNet
 
@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
     parser.add_argument("--tiny", action="store_true", help="width 4, 2 rounds of 1 pass: a check in seconds")
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
-    parser.add_argument("--trained-on", default="split_mnist_mini",
-                        help="scenario on which ccgn's small CNN is trained [%(default)s]")
-    parser.add_argument("--runs", type=Path, nargs="+", default=[], metavar="RUN_DIR",
-                        help="time the networks of these finished runs (kept with --keep-checkpoints) instead")
+    add_network_options(parser)
     args = parser.parse_args(argv)
     rounds, repeats = (2, 1) if args.tiny else (args.rounds, args.repeats)
     rows = []

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from clbench import compact
-from clbench.benchmarking import (gated_networks, interleaved_times, machine_columns, machine_line, torch_threads,
-                                  write_csv)
+from clbench.benchmarking import (add_network_options, gated_networks, interleaved_times, machine_columns,
+                                  machine_line, torch_threads, write_csv)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "compact_revisions.csv"
@@ -74,10 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
     parser.add_argument("--tiny", action="store_true", help="2 rounds of 1 pass, width 4: a check in seconds")
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
-    parser.add_argument("--trained-on", default="split_mnist_mini",
-                        help="scenario on which ccgn's small CNN is trained [%(default)s]")
-    parser.add_argument("--runs", type=Path, nargs="+", default=[], metavar="RUN_DIR",
-                        help="time the networks of these finished runs (kept with --keep-checkpoints) instead")
+    add_network_options(parser)
     args = parser.parse_args(argv)
     other, commit = compact_at(args.against)
     rounds = 2 if args.tiny else args.rounds

@@ -5,6 +5,7 @@ that say where a measurement was taken, and writing their tables."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import platform
@@ -224,6 +225,14 @@ class GatedNetwork(NamedTuple):
     spec: ModelSpec
     model: TaskPathNet
     images: torch.Tensor
+
+
+def add_network_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that time `gated_networks`: `--trained-on`, `--runs`."""
+    parser.add_argument("--trained-on", default="split_mnist_mini",
+                        help="scenario on which ccgn's small CNN is trained [%(default)s]")
+    parser.add_argument("--runs", type=Path, nargs="+", default=[], metavar="RUN_DIR",
+                        help="time the networks of these finished runs (kept with --keep-checkpoints) instead")
 
 
 def gated_networks(tiny: bool, trained_on: str, runs: Sequence[Path] = ()) -> Iterator[GatedNetwork]:
