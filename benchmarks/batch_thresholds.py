@@ -11,8 +11,8 @@ the networks of finished runs whose checkpoints were kept), both settings, at ea
 defaults pick (`clbench`); and what the issue asks the gated network to beat, the dense
 backbone (task setting: `dense`; class setting: once per learned task,
 `dense_every_path`). The executions alternate for `--rounds` rounds of `--repeats` passes
-at a batch of 64, 64 / batch times as many at smaller batches (column `repeats`), so that
-the best time of a pass of a millisecond is as sure as that of a pass of 50; best and
+at a batch of 64 or more, 64 / batch times as many at smaller batches (column `repeats`), so
+that the best time of a pass of a millisecond is as sure as that of a pass of 50; best and
 median per pass, and the dense execution's best time over each one's. The gated
 executions must give the same outputs (within float tolerance) and MACs, or the script
 stops.
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        networks = gated_networks(args.tiny, args.trained_on, args.runs)
+        networks = gated_networks(args.tiny, args.trained_on, args.runs, max(args.batches))
         for backbone, width, gates, trained_on, setting, spec, model, images in networks:
             dense = build_model(spec).eval()
             with torch.no_grad():

@@ -142,6 +142,9 @@ def write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
     print(f"written: {path}")
 
 
+# Inputs the inference benchmarks time their batches on, unless told otherwise: their
+# largest batch.
+BENCHMARK_IMAGES = 64
 RANDOM_GATED_TASKS = 5
 RANDOM_GATED_ALLOWED = 0.25  # share of each layer's kernels each task may open
 
@@ -167,20 +170,22 @@ def random_gated_model(spec: ModelSpec, allowed: float = RANDOM_GATED_ALLOWED) -
     return model.eval()
 
 
-def trained_gated_model(scenario: str, setting: str, width: int,
-                        folder: str) -> tuple[ModelSpec, TaskPathNet, torch.Tensor]:
+def trained_gated_model(scenario: str, setting: str, width: int, folder: str,
+                        images: int = BENCHMARK_IMAGES) -> tuple[ModelSpec, TaskPathNet, torch.Tensor]:
     """ccgn's small CNN trained by clbench on `scenario` (1 epoch per task, seed 0) into
     `folder`, as `trained_network` reads it."""
     cfg = RunConfig(scenario=scenario, strategy="ccgn", setting=setting, width=width, keep_checkpoints=True,
                     results_dir=folder)
-    return trained_network(run(cfg).run_dir)[1:]
+    return trained_network(run(cfg).run_dir, images)[1:]
 
 
-def trained_network(run_dir: Path) -> tuple[RunConfig, ModelSpec, TaskPathNet, torch.Tensor]:
+def trained_network(run_dir: Path,
+                    images: int = BENCHMARK_IMAGES) -> tuple[RunConfig, ModelSpec, TaskPathNet, torch.Tensor]:
     """The network of a finished run whose checkpoint was kept (`clbench run
-    --keep-checkpoints`): the run's configuration, the network's spec, the network, and 64
-    of the scenario's test images of the first task. Exits with the reason where the run
-    has no checkpoint or its network has no per-task paths."""
+    --keep-checkpoints`): the run's configuration, the network's spec, the network, and
+    `images` of the scenario's test images of the first task (from its first on, again
+    from the first where the task has fewer). Exits with the reason where the run has no
+    checkpoint or its network has no per-task paths."""
     cfg, data, state = load_checkpointed_run(run_dir)
     model = state["trainer"].model.eval()
     if not isinstance(model, TaskPathNet):
@@ -188,8 +193,7 @@ def trained_network(run_dir: Path) -> tuple[RunConfig, ModelSpec, TaskPathNet, t
                          "(ccgn, hat)")
     spec = ModelSpec(cfg.backbone, cfg.width, data.spec.input_shape, cfg.setting, data.task_classes)
     test = data.benchmark.test_stream[0].dataset
-    images = torch.stack([test[i % len(test)][0] for i in range(64)])
-    return cfg, spec, model, images
+    return cfg, spec, model, torch.stack([test[i % len(test)][0] for i in range(images)])
 
 
 # The inference benchmarks' backbones: their width (4 where a benchmark is `tiny`) and input.
@@ -198,18 +202,19 @@ TINY_WIDTH = 4
 
 
 def gated_network(backbone: str, width: int, gates: str, setting: str, trained_on: str | None = None,
-                  allowed: float = RANDOM_GATED_ALLOWED) -> tuple[ModelSpec, TaskPathNet, torch.Tensor]:
-    """ccgn's network on `backbone`: its spec, the network and 64 inputs. `gates`
+                  allowed: float = RANDOM_GATED_ALLOWED,
+                  images: int = BENCHMARK_IMAGES) -> tuple[ModelSpec, TaskPathNet, torch.Tensor]:
+    """ccgn's network on `backbone`: its spec, the network and `images` inputs. `gates`
     "trained": the small CNN trained on `trained_on` (`trained_gated_model`), with test
     images of the first task; "random": `random_gated_model` (each task `allowed` that
     share of every layer's kernels), with random inputs."""
     torch.manual_seed(0)
     if gates == "trained":
         with tempfile.TemporaryDirectory() as folder:
-            return trained_gated_model(trained_on, setting, width, folder)
+            return trained_gated_model(trained_on, setting, width, folder, images)
     shape = GATED_BACKBONES[backbone][1]
     spec = ModelSpec(backbone, width, shape, setting, [[2 * k, 2 * k + 1] for k in range(RANDOM_GATED_TASKS)])
-    return spec, random_gated_model(spec, allowed), torch.randn(64, *shape)
+    return spec, random_gated_model(spec, allowed), torch.randn(images, *shape)
 
 
 class GatedNetwork(NamedTuple):
@@ -235,16 +240,17 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
                         help="time the networks of these finished runs (kept with --keep-checkpoints) instead")
 
 
-def gated_networks(tiny: bool, trained_on: str, runs: Sequence[Path] = ()) -> Iterator[GatedNetwork]:
-    """The gated networks the inference benchmarks time: ccgn's small CNN of width 32
-    trained on `trained_on` (1 epoch per task) and with random gates
+def gated_networks(tiny: bool, trained_on: str, runs: Sequence[Path] = (),
+                   images: int = BENCHMARK_IMAGES) -> Iterator[GatedNetwork]:
+    """The gated networks the inference benchmarks time, each with `images` inputs: ccgn's
+    small CNN of width 32 trained on `trained_on` (1 epoch per task) and with random gates
     (`random_gated_model`), and ResNet-18 of width 16 with random gates (width 4 each
     where `tiny`), in the task and class settings; or instead, where `runs` are given,
     the networks those finished runs trained (`trained_network`)."""
     for run_dir in runs:
-        cfg, spec, model, images = trained_network(run_dir)
+        cfg, spec, model, inputs = trained_network(run_dir, images)
         yield GatedNetwork(cfg.backbone, cfg.width, "trained", f"{cfg.scenario}, epochs {cfg.epochs}", cfg.setting,
-                           spec, model, images)
+                           spec, model, inputs)
     if runs:
         return
     for backbone, gates, setting in product(GATED_BACKBONES, ("trained", "random"), ("task", "class")):
@@ -252,5 +258,5 @@ def gated_networks(tiny: bool, trained_on: str, runs: Sequence[Path] = ()) -> It
             continue
         width = TINY_WIDTH if tiny else GATED_BACKBONES[backbone][0]
         trained = f"{trained_on}, epochs {RunConfig().epochs}" if gates == "trained" else ""
-        yield GatedNetwork(backbone, width, gates, trained, setting, *gated_network(backbone, width, gates, setting,
-                                                                                    trained_on))
+        yield GatedNetwork(backbone, width, gates, trained, setting,
+                           *gated_network(backbone, width, gates, setting, trained_on, images=images))

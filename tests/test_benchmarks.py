@@ -124,6 +124,8 @@ def test_the_inference_benchmarks_time_the_networks_of_finished_runs(tiny_scenar
     test = build_scenario(tiny_scenario, "class").benchmark.test_stream[0].dataset
     assert model.tasks_learned == 5 and (spec.backbone, spec.width, spec.setting) == ("small_cnn", 8, "class")
     assert torch.equal(images[:3], torch.stack([test[i][0] for i in range(3)]))
+    more = trained_network(runs["ccgn"], len(test) + 2)[3]  # as many as the largest batch timed, cycled
+    assert len(more) == len(test) + 2 and torch.equal(more[-2:], images[:2])
     for script, arguments in (("gated_inference", ()), ("batch_thresholds", ("--batches", "1"))):
         table = tiny_table(benchmark(script), tmp_path / f"{script}.csv", "--runs", str(runs["ccgn"]), *arguments)
         assert set(zip(table.backbone, table.width, table.gates, table.trained_on, table.setting)) == \
