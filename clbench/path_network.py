@@ -38,6 +38,12 @@ STACKED = "learned tasks"
 # `stacked_paths_max_batch` (`TaskPathNet.stacked_path`).
 SHARED_PATHS_MAX_UNION = 2.0
 SHARED_PATHS_BATCH_FACTOR = 8
+# Compact paths computing each sample's open channels run a larger batch in parts of this
+# many samples: the weights they gather for each sample outgrow the caches. On ccgn's
+# small CNN (`benchmarks/batch_thresholds.py`, task setting, one thread) their time per
+# sample was least at batches of 128-256 on three networks, and at 512 up to 1.4 times
+# as long; on a 1-epoch network at 256-512 they ran at 0.72x the dense one.
+PER_SAMPLE_MAX_BATCH = 128
 
 
 class FreezableBatchNorm2d(nn.BatchNorm2d):
@@ -475,7 +481,13 @@ class TaskPathNet(MultiTaskModule):
     def forward_with_macs(self, x: torch.Tensor, task_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs and MACs executed per sample. Task setting: each sample through its own
         task's path and head, outputs zero-padded to the largest head (as Avalanche's
-        `MultiTaskModule.forward`), whatever mix of tasks the batch holds."""
+        `MultiTaskModule.forward`), whatever mix of tasks the batch holds. Where compact
+        paths compute each sample's channels, in parts of PER_SAMPLE_MAX_BATCH samples."""
+        if len(x) > PER_SAMPLE_MAX_BATCH and self.runs_compact() and self.runs_per_sample(x) and \
+                any(layer.masks_per_sample for layer in self.path_layers):
+            outputs, macs = zip(*(self.forward_with_macs(*part) for part in
+                                  zip(x.split(PER_SAMPLE_MAX_BATCH), task_labels.split(PER_SAMPLE_MAX_BATCH))))
+            return torch.cat(outputs), torch.cat(macs)
         if self.setting == "class":
             return self.class_scores(x)
         out = torch.zeros(len(x), self.max_class_label, device=x.device)

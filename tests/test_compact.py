@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import load_script, train_tasks
 from torch import nn
 
-from clbench import compact
+from clbench import compact, path_network
 from clbench.compact import CHANNEL_MULTIPLE
 from clbench.config import RunConfig
 from clbench.gates import GatedLayer
@@ -278,6 +278,48 @@ def test_per_sample_channels_run_each_samples_open_channels_where_gates_differ(b
     with mock.patch.object(compact.CompactConv, "per_sample", side_effect=AssertionError("per sample")):
         with pytest.raises(AssertionError, match="per sample"), torch.no_grad():
             one.forward_with_macs(x[:1], tasks[:1])
+
+
+@pytest.mark.parametrize("setting", ["task", "class"])
+def test_each_samples_channels_run_a_large_batch_in_parts(setting, monkeypatch):
+    """Compact paths computing each sample's open channels run a batch of more than
+    PER_SAMPLE_MAX_BATCH samples (here 5) in parts of that many, with the outputs and MACs
+    of the batch run whole; the kept channels, and HAT's paths (whose masks do not differ
+    between samples), run it whole."""
+    model = learned_model("ccgn", "small_cnn", setting)
+    model.backbone.per_sample_from_batch, model.stacked_paths_max_batch = 2, 0
+    x, tasks = inputs()[0], torch.zeros(12, dtype=torch.long)
+    with torch.no_grad():
+        whole, whole_macs = model.forward_with_macs(x, tasks)
+    monkeypatch.setattr(path_network, "PER_SAMPLE_MAX_BATCH", 5)
+    batches = {True: [], False: []}
+    call, per_sample = compact.CompactSmallCNN.__call__, compact.CompactSmallCNN.per_sample
+
+    def spy_call(backbone, images, *arguments, **options):
+        batches[False].append(len(images))
+        return call(backbone, images, *arguments, **options)
+
+    def spy_per_sample(backbone, images, *arguments):
+        batches[True].append(len(images))
+        return per_sample(backbone, images, *arguments)
+
+    monkeypatch.setattr(compact.CompactSmallCNN, "__call__", spy_call)
+    monkeypatch.setattr(compact.CompactSmallCNN, "per_sample", spy_per_sample)
+    with torch.no_grad():
+        parted, parted_macs = model.forward_with_macs(x, tasks)
+    assert torch.allclose(parted, whole, atol=1e-5) and torch.equal(parted_macs, whole_macs)
+    paths = 1 if setting == "task" else model.tasks_learned
+    assert batches[True] == [5] * paths + [5] * paths + [2] * paths
+    batches[True].clear()
+    model.per_sample_channels = False
+    with torch.no_grad():
+        model.forward_with_macs(x, tasks)
+    assert not batches[True] and set(batches[False][-paths:]) == {12}
+    hat = learned_model("hat" if setting == "task" else "hat_tc", "small_cnn", setting)
+    hat.backbone.per_sample_from_batch, hat.stacked_paths_max_batch = 2, 0
+    with torch.no_grad():
+        hat.forward_with_macs(x, tasks)
+    assert set(batches[False][-paths:]) == {12}
 
 
 @pytest.mark.parametrize("per_sample", [True, False])
