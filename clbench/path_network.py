@@ -303,9 +303,11 @@ class TaskPathNet(MultiTaskModule):
 
     `forward` is what Avalanche and the baselines' evaluation call; `forward_with_macs`
     also returns the MACs each sample executed, and `forward_path` the whole trace of
-    one task's path (for the strategies' losses and statistics). At test, without
-    autograd, `forward_with_macs` runs each task's compact path (`clbench.compact`), cut
-    to the kernels the task can open, instead of the masked layers; training never does.
+    one task's path (for the strategies' losses and statistics). In eval mode without
+    autograd, `forward_with_macs` and `learned_paths` run each task's compact path
+    (`clbench.compact`), cut to the kernels the task can open, instead of the masked
+    layers: at test, and in training for the task classifier's input from the learned
+    paths; whatever trains runs the masked layers.
     """
 
     compact_inference = True  # False: the masked layers at test too (a benchmark's baseline)
@@ -416,16 +418,6 @@ class TaskPathNet(MultiTaskModule):
             trace.stages = []
         features = self.backbone(x, task, trace)
         return features, torch.cat(trace.stages, 1) if self.classifier_reads_stages else features
-
-    def path_features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The task classifier's input from every learned task's masked path (at least
-        one) and their total MACs."""
-        features, total = [], 0
-        for task in range(max(self.tasks_learned, 1)):
-            trace = PathTrace()
-            features.append(self.masked_path(x, task, trace)[1])
-            total = total + trace.macs
-        return features, total
 
     def learned_paths(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """The task classifier's input from every learned task's path (at least one), the

@@ -71,7 +71,9 @@ class TaskPathTraining(SupervisedTemplate):
     MNIST it beat training after the task, see results/ablations/task_classifier), or
     after each task on the frozen paths' features of the task's training data plus the
     memory, for classifier_epochs with Adam, or both; or during each task and then after
-    it on the memory alone, where every task has as many examples."""
+    it on the memory alone, where every task has as many examples. The learned paths give
+    the classifier their features through their compact paths (`TaskPathNet.learned_paths`),
+    as at test: the masked layers' up to float rounding, in less time."""
 
     def __init__(self, *, hp, **kwargs):
         super().__init__(**kwargs)
@@ -116,8 +118,8 @@ class TaskPathTraining(SupervisedTemplate):
         self.trace = PathTrace(masks=[mask[:batch] for mask in trace.masks],
                                probabilities=[p[:batch] for p in trace.probabilities])
         model.eval()  # learned paths as at test: deterministic gates, stored statistics
-        with torch.no_grad():
-            learned = [model.masked_path(x, task)[1] for task in range(self.task)]
+        with torch.no_grad():  # so their compact paths, cut again after each optimiser step
+            learned = model.learned_paths(x)[0]
         model.train()
         tasks = torch.cat([torch.full((batch,), self.task, device=self.device), stored_tasks])
         every_task_equally = 1 / torch.bincount(tasks, minlength=self.task + 1).clamp(min=1).float()
@@ -191,7 +193,7 @@ class TaskPathTraining(SupervisedTemplate):
                                          eval_batches(self.adapted_dataset.eval(), self.eval_mb_size)]
         inputs += [(x, torch.full((len(x),), past)) for past, x in self.memory.items() if memory_only or past != task]
         with torch.no_grad():
-            features = torch.cat([torch.cat(model.path_features(x.to(self.device))[0], 1) for x, _ in inputs])
+            features = torch.cat([torch.cat(model.learned_paths(x.to(self.device))[0], 1) for x, _ in inputs])
         tasks = torch.cat([t for _, t in inputs]).to(self.device)
         counts = torch.bincount(tasks, minlength=task + 1).float()
         weights = counts.sum() / (len(counts) * counts)

@@ -128,7 +128,7 @@ def test_task_classifier_learns(classifier_training, classifier_layers, tiny_sce
         with torch.no_grad():
             for true_task in range(task + 1):
                 for x, _, _ in DataLoader(scenario.benchmark.test_stream[true_task].dataset.eval(), batch_size=256):
-                    predicted = model.classify_task(torch.cat(model.path_features(x)[0], 1)).argmax(1)
+                    predicted = model.classify_task(torch.cat(model.learned_paths(x)[0], 1)).argmax(1)
                     correct += (predicted == true_task).sum().item()
                     seen += len(x)
         accuracy[task] = correct / seen

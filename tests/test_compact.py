@@ -19,7 +19,7 @@ from clbench.compact import CHANNEL_MULTIPLE
 from clbench.config import RunConfig
 from clbench.gates import GatedLayer
 from clbench.models import ModelSpec
-from clbench.path_network import OFF_TASK_PENALTY, SHARED_PATHS_BATCH_FACTOR, STACKED
+from clbench.path_network import OFF_TASK_PENALTY, SHARED_PATHS_BATCH_FACTOR, STACKED, TaskPathNet
 from clbench.registry import get_strategy
 from clbench.runner import run
 
@@ -454,6 +454,42 @@ def test_training_and_gradients_use_the_masked_layers():
     with torch.no_grad():
         model.train().forward_with_macs(x[:4], tasks[:4])
     assert not model._compact_paths
+
+
+@pytest.mark.parametrize("strategy", ["ccgn", "hat_tc"])
+def test_the_class_settings_training_reads_the_learned_paths_through_their_compact_paths(strategy, tiny_scenario,
+                                                                                         monkeypatch):
+    """The task classifier, trained during each task and after it (`both`), reads the
+    learned paths' features through their compact paths, cut again after every
+    optimiser step: without autograd only the compact paths run them, and what they give
+    is the masked layers' within float tolerance. The task in training runs its masked
+    layers."""
+    masked_runs, compact_reads, checking = [], [], []
+    masked_path, learned_paths = TaskPathNet.masked_path, TaskPathNet.learned_paths
+
+    def spy_masked(model, x, task, trace=None):
+        masked_runs.append((torch.is_grad_enabled(), bool(checking)))
+        return masked_path(model, x, task, trace)
+
+    def spy_learned(model, x):
+        read = learned_paths(model, x)
+        if not model.training and not torch.is_grad_enabled():
+            compact_reads.append(model.runs_compact())
+            model.compact_inference = False
+            checking.append(True)
+            masked = learned_paths(model, x)[0]
+            checking.clear()
+            model.compact_inference = True
+            assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(read[0], masked))
+        return read
+
+    monkeypatch.setattr(TaskPathNet, "masked_path", spy_masked)
+    monkeypatch.setattr(TaskPathNet, "learned_paths", spy_learned)
+    hparams = {"classifier_training": "both", "classifier_epochs": 1, **({"lr": 0.01} if strategy == "ccgn" else {})}
+    train_tasks(get_strategy(strategy), tiny_scenario, "class", 2, "small_cnn", 8, hparams)
+    assert len(compact_reads) > 2 and all(compact_reads)
+    assert (True, False) in masked_runs  # the task in training
+    assert all(with_grad or in_check for with_grad, in_check in masked_runs)
 
 
 def test_a_past_tasks_predictions_through_its_compact_path_survive_a_later_task(tiny_scenario):
