@@ -516,9 +516,6 @@ class CompactPath:
         # operations (the gates', the mask multiplications) into fewer kernels, on its
         # first pass at each batch size (seconds to minutes; a C++ compiler on CPU).
         self.run_backbone = torch.compile(self.backbone.__call__) if model.compile_compact else self.backbone
-        # Per-sample channels where masks differ between samples; not compiled (the
-        # number of channels a batch opens changes the shapes).
-        self.varies = any(layer.masks_per_sample for layer in model.path_layers) and not model.compile_compact
         self.heads = [(head.weight.detach()[:, self.backbone.kept], head.bias.detach()) for head in heads]
         # The channels the tasks keep together over those an average task keeps (1: all keep the same).
         together = sum(int(keeps_any(layer, tasks).sum()) for layer in model.path_layers)
@@ -542,9 +539,9 @@ class CompactPath:
         return kernels == self.kernel_state and tensor_state(tensors_of(self.own_sources)) == self.own_state
 
     def __call__(self, x: torch.Tensor, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """One task's logits and MACs per sample; with `per_sample`, where masks differ
-        between samples, each sample's open channels computed only (`SampleChannels`)."""
-        features, macs = self.run_backbone(x, per_sample=per_sample and self.varies)
+        """One task's logits and MACs per sample; with `per_sample` (`TaskPathNet.runs_per_sample`),
+        each sample's open channels computed only (`SampleChannels`)."""
+        features, macs = self.run_backbone(x, per_sample=per_sample)
         return F.linear(features, *self.heads[0]), macs + self.head_macs
 
     def features_and_logits(self, x: torch.Tensor, stages: bool = False, first: SharedOutput | None = None,
@@ -554,7 +551,7 @@ class CompactPath:
         sample. With `first`, the first layer's output comes from there; `per_sample` as
         in a call."""
         pooled = [] if stages else None
-        features, macs = self.run_backbone(x, pooled, first, per_sample and self.varies)
+        features, macs = self.run_backbone(x, pooled, first, per_sample)
         logits = F.linear(features, *self.heads[0])
         return self.read(features, pooled), logits, macs + self.head_macs
 

@@ -360,11 +360,13 @@ class TaskPathNet(MultiTaskModule):
         return self.compact_inference and not self.training and not torch.is_grad_enabled()
 
     def runs_per_sample(self, x: torch.Tensor) -> bool:
-        """Whether compact paths compute each sample's open channels, where masks differ
-        between samples (`clbench.compact.SampleChannels`): for batches of at least the
-        backbone's `per_sample_from_batch` (None: never)."""
+        """Whether compact paths compute each sample's open channels
+        (`clbench.compact.SampleChannels`): where masks differ between samples, for batches
+        of at least the backbone's `per_sample_from_batch` (None: never); not where they
+        are compiled (the number of channels a batch opens changes the shapes)."""
         threshold = self.backbone.per_sample_from_batch
-        return self.per_sample_channels and threshold is not None and len(x) >= threshold
+        return self.per_sample_channels and threshold is not None and len(x) >= threshold and \
+            not self.compile_compact and any(layer.masks_per_sample for layer in self.path_layers)
 
     def stacked_path(self, x: torch.Tensor) -> CompactPath | None:
         """The class setting's compact paths run as one, on the batch repeated once per
@@ -475,8 +477,7 @@ class TaskPathNet(MultiTaskModule):
         task's path and head, outputs zero-padded to the largest head (as Avalanche's
         `MultiTaskModule.forward`), whatever mix of tasks the batch holds. Where compact
         paths compute each sample's channels, in parts of PER_SAMPLE_MAX_BATCH samples."""
-        if len(x) > PER_SAMPLE_MAX_BATCH and self.runs_compact() and self.runs_per_sample(x) and \
-                any(layer.masks_per_sample for layer in self.path_layers):
+        if len(x) > PER_SAMPLE_MAX_BATCH and self.runs_compact() and self.runs_per_sample(x):
             outputs, macs = zip(*(self.forward_with_macs(*part) for part in
                                   zip(x.split(PER_SAMPLE_MAX_BATCH), task_labels.split(PER_SAMPLE_MAX_BATCH))))
             return torch.cat(outputs), torch.cat(macs)

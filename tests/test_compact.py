@@ -617,7 +617,8 @@ def test_the_agreement_script_finds_where_compact_and_masked_predictions_differ(
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler on CPU")
 def test_compiled_compact_paths_compute_what_the_eager_ones_do():
     """`compile_compact` only fuses operations: the same outputs within float tolerance
-    and the same MACs, through a path torch.compile built."""
+    and the same MACs, through a path torch.compile built, which never computes each
+    sample's channels."""
     x, _ = inputs()
     tasks = torch.zeros(len(x), dtype=torch.long)  # one path: one compilation
     eager, fused = learned_model("ccgn", "small_cnn", "task"), learned_model("ccgn", "small_cnn", "task")
@@ -627,6 +628,8 @@ def test_compiled_compact_paths_compute_what_the_eager_ones_do():
     assert torch.allclose(out, fused_out, atol=1e-5) and torch.equal(macs, fused_macs)
     assert fused._compact_paths[0].run_backbone is not fused._compact_paths[0].backbone
     assert eager._compact_paths[0].run_backbone is eager._compact_paths[0].backbone
+    larger = torch.cat([x] * 2)  # each sample's channels would change the compiled shapes
+    assert eager.runs_per_sample(larger) and not fused.runs_per_sample(larger)
 
 
 @pytest.mark.parametrize("gates", ["random", "trained"])
