@@ -25,13 +25,16 @@ kept ones. `TaskPathNet` decides which execution runs (`runs_per_sample`, `stack
 
 A compact path remembers every tensor it was cut from (its version counter and storage)
 and `TaskPathNet` rebuilds it once any of them changed: an optimiser step,
-`GatedLayer.freeze`, `load_state_dict`, a tensor replaced, a move to another device.
-Only a write in place through `.data`, which bypasses the version counter, would go
-unseen; clbench makes none.
+`GatedLayer.freeze`, `load_state_dict`, a move to another device; and once any
+parameter, buffer or submodule of any module was assigned anew (`Registrations`), as a
+tensor or module put in another's place is one the path does not know. Only a write in
+place through `.data`, which bypasses the version counter, would go unseen; clbench
+makes none.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Callable
@@ -481,10 +484,36 @@ def tensors_of(modules: list[nn.Module]) -> list[torch.Tensor]:
     return own + computed_from
 
 
-def tensor_state(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+version = operator.attrgetter("_version")
+
+
+def tensor_state(tensors: list[torch.Tensor]) -> tuple[list[int], list[int]]:
     """Version counter and storage address of each tensor: a write in place changes the
-    first, a tensor or storage put in another's place (`.to()`) the second."""
-    return [(t._version, t.data_ptr()) for t in tensors]
+    first, a storage put in the tensor's place (`.to()`) the second."""
+    return list(map(version, tensors)), list(map(torch.Tensor.data_ptr, tensors))
+
+
+class Registrations:
+    """Counts every parameter, buffer and submodule assigned to any module, through
+    PyTorch's global registration hooks: a path holds the tensors it was cut from, and
+    one assigned in a tensor's place (or a module in a module's, or a parametrisation
+    attached) would not be among them. Counting every assignment anywhere rebuilds paths
+    for nothing where other networks are built meanwhile, never too rarely. Left out:
+    the graphs torch.compile builds of a compiled path (`TaskPathNet.compile_compact`),
+    which would make the path they run out of date on its first pass."""
+
+    count = 0
+
+    @classmethod
+    def add(cls, module: nn.Module, *_) -> None:
+        if not isinstance(module, torch.fx.GraphModule):
+            cls.count += 1
+
+
+for register in (nn.modules.module.register_module_parameter_registration_hook,
+                 nn.modules.module.register_module_buffer_registration_hook,
+                 nn.modules.module.register_module_module_registration_hook):
+    register(Registrations.add)
 
 
 def kernel_modules(model: TaskPathNet) -> list[nn.Module]:
@@ -492,25 +521,22 @@ def kernel_modules(model: TaskPathNet) -> list[nn.Module]:
     return [m for layer in model.path_layers for m in layer.kernel_modules()]
 
 
-def kernel_state(model: TaskPathNet) -> list[tuple[int, int]]:
-    return tensor_state(tensors_of(kernel_modules(model)))
-
-
 class CompactPath:
     """A compact path and head: one task's, or several tasks' run as one (`stacked`); the
-    heads' inputs cut to the features the path keeps. `is_current(kernel_state(model))`
-    tells whether it still matches the network it was cut from."""
+    heads' inputs cut to the features the path keeps. `is_current()` tells whether it
+    still matches the network it was cut from."""
 
     def __init__(self, model: TaskPathNet, tasks: tuple[int, ...]):
         self.tasks = tasks
         heads = [model.heads[task] for task in tasks]
-        self.own_sources = list(dict.fromkeys([m for layer in model.path_layers for task in tasks
-                                               for m in layer.mask_modules(task)] + heads))  # each once
-        kernels = kernel_modules(model)
-        self.kernel_state = tensor_state(tensors_of(kernels))
-        self.own_state = tensor_state(tensors_of(self.own_sources))
+        own_sources = list(dict.fromkeys([m for layer in model.path_layers for task in tasks
+                                          for m in layer.mask_modules(task)] + heads))  # each once
+        # Found once, not walked on every pass, which cost a share of a small batch's pass
+        # (`benchmarks/batch_thresholds.py`); `Registrations` sees any tensor replaced.
+        self.sources = tensors_of(kernel_modules(model) + own_sources)
+        self.state, self.registrations = tensor_state(self.sources), Registrations.count
         # Held, so that no tensor made later can take these storage addresses.
-        self.storage = [t.detach() for t in tensors_of(kernels + self.own_sources)]
+        self.storage = [t.detach() for t in self.sources]
         self.backbone = COMPACT_BACKBONES[type(model.backbone)](model.backbone, tasks)
         # With `TaskPathNet.compile_compact`, torch.compile fuses the path's many small
         # operations (the gates', the mask multiplications) into fewer kernels, on its
@@ -534,9 +560,9 @@ class CompactPath:
         return (torch.stack([F.pad(weight, (0, 0, 0, classes - len(weight))).t() for weight, _ in self.heads]),
                 torch.stack([F.pad(bias, (0, classes - len(bias))) for _, bias in self.heads])[:, None])
 
-    def is_current(self, kernels: list[tuple[int, int]]) -> bool:
-        """Whether the path matches its network, whose `kernel_state` is `kernels`."""
-        return kernels == self.kernel_state and tensor_state(tensors_of(self.own_sources)) == self.own_state
+    def is_current(self) -> bool:
+        """Whether the path matches the network it was cut from."""
+        return Registrations.count == self.registrations and tensor_state(self.sources) == self.state
 
     def __call__(self, x: torch.Tensor, per_sample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One task's logits and MACs per sample; with `per_sample` (`TaskPathNet.runs_per_sample`),

@@ -385,16 +385,15 @@ class TaskPathNet(MultiTaskModule):
 
     def compact_paths(self, task_sets: Iterable[tuple[int, ...]]) -> list[CompactPath]:
         """A compact path for each set of tasks (one task's, or several run as one),
-        rebuilt whenever a tensor it was cut from has changed; the kernels, which every
-        path is cut from, are checked once for all. One path of several tasks is kept at
-        a time, as only the learned tasks run together."""
-        from clbench.compact import CompactPath, kernel_state  # built on this module's classes
+        rebuilt whenever a tensor it was cut from has changed. One path of several tasks
+        is kept at a time, as only the learned tasks run together."""
+        from clbench.compact import CompactPath  # built on this module's classes
 
-        kernels, paths = kernel_state(self), []
+        paths = []
         for tasks in task_sets:
             key = tasks[0] if len(tasks) == 1 else STACKED
             path = self._compact_paths.get(key)
-            if path is None or path.tasks != tasks or not path.is_current(kernels):
+            if path is None or path.tasks != tasks or not path.is_current():
                 self._compact_paths[key] = path = CompactPath(self, tasks)
             paths.append(path)
         return paths

@@ -373,8 +373,9 @@ def test_the_class_settings_shared_first_layer_follows_the_paths_it_serves():
 def test_a_compact_path_is_rebuilt_whenever_what_it_was_cut_from_changes(strategy):
     """Each change (written in place like an optimiser step, a task's mask changed, a
     weight's storage or a buffer replaced rather than written, another model's state
-    loaded) changes the outputs, and the compact paths follow the masked layers; so they
-    do after a move to float64."""
+    loaded, a weight replaced by a new parameter, a head by a new module) changes the
+    outputs, and the compact paths follow the masked layers; so they do after a move to
+    float64."""
     model = learned_model(strategy, "resnet18", "task")
     x, tasks = inputs()
     block = model.backbone.blocks[4]  # a projection shortcut, and gates open for many samples
@@ -385,11 +386,13 @@ def test_a_compact_path_is_rebuilt_whenever_what_it_was_cut_from_changes(strateg
         change_mask = lambda: block.conv1.freeze(0, block.conv1.allowed[0] & (torch.arange(block.conv1.out_units) % 2 == 0))
     else:
         change_mask = lambda: block.conv1.embedding.weight[0].neg_()
-    weight = block.conv1.layer.weight
+    weight, spare_head = block.conv1.layer.weight, nn.Linear(model.heads[0].in_features, model.heads[0].out_features)
     changes = [lambda: weight.mul_(1.5), change_mask,
                lambda: setattr(weight, "data", weight * 1.5),  # as `.to()` does: same object and version
                lambda: setattr(block.conv2.norm, "running_mean", block.conv2.norm.running_mean + 1),
-               lambda: model.load_state_dict(other.state_dict())]
+               lambda: model.load_state_dict(other.state_dict()),
+               lambda: setattr(block.conv2.layer, "weight", nn.Parameter(block.conv2.layer.weight * 1.5)),
+               lambda: model.heads.__setitem__(0, spare_head)]  # made before the paths were cut
     before, _ = compact_and_masked(model, x, tasks)[0]
     for index, change in enumerate(changes):
         with torch.no_grad():
@@ -405,14 +408,19 @@ def test_a_compact_path_is_rebuilt_whenever_what_it_was_cut_from_changes(strateg
 
 
 def test_a_compact_path_is_rebuilt_when_a_tensor_a_weight_is_computed_from_changes():
-    """ltp computes each weight from the raw weight and a learned threshold: a step of the
-    threshold alone changes the weights the paths are cut from."""
+    """ltp computes each weight from the raw weight and a learned threshold: attaching it
+    to paths already cut, and then a step of the threshold alone, change the weights the
+    paths are cut from."""
     from clbench.modules.ltp import attach, thresholds
 
     model = learned_model("ccgn", "small_cnn", "task")
-    attach(model, threshold=0.0, temperature=0.05)
     x, tasks = inputs()
     before, _ = compact_and_masked(model, x, tasks)[0]
+    attach(model, threshold=0.0, temperature=0.05)
+    (after, _), (masked, _) = compact_and_masked(model, x, tasks)
+    assert not torch.allclose(after, before, atol=1e-3)
+    assert torch.allclose(after, masked, atol=1e-5)
+    before = after
     with torch.no_grad():
         for _, soft in thresholds(model):
             soft.threshold.add_(0.5)
@@ -423,9 +431,9 @@ def test_a_compact_path_is_rebuilt_when_a_tensor_a_weight_is_computed_from_chang
 
 @pytest.mark.parametrize("strategy", ["ccgn", "hat"])
 def test_in_the_class_setting_a_changed_kernel_rebuilds_every_path_and_a_changed_mask_its_own(strategy):
-    """The kernels every path is cut from are checked once per pass for all paths: a
-    change there must still reach each of them, and a change of one task's mask that
-    task's path (with ccgn only that one; HAT holds every task's embedding in one tensor)."""
+    """A change of the kernels every path is cut from must reach each path, and a change
+    of one task's mask that task's path (with ccgn only that one; HAT holds every task's
+    embedding in one tensor)."""
     model = learned_model(strategy, "small_cnn", "class")
     model.stacked_paths_max_batch = 0
     x, tasks = inputs()
@@ -615,10 +623,12 @@ def test_the_agreement_script_finds_where_compact_and_masked_predictions_differ(
 
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile needs a C++ compiler on CPU")
-def test_compiled_compact_paths_compute_what_the_eager_ones_do():
+def test_compiled_compact_paths_compute_what_the_eager_ones_do(monkeypatch):
     """`compile_compact` only fuses operations: the same outputs within float tolerance
     and the same MACs, through a path torch.compile built, which never computes each
-    sample's channels."""
+    sample's channels, and which the graphs it compiled do not put out of date (compiled
+    afresh, as the first time on a machine)."""
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
     x, _ = inputs()
     tasks = torch.zeros(len(x), dtype=torch.long)  # one path: one compilation
     eager, fused = learned_model("ccgn", "small_cnn", "task"), learned_model("ccgn", "small_cnn", "task")
@@ -628,6 +638,10 @@ def test_compiled_compact_paths_compute_what_the_eager_ones_do():
     assert torch.allclose(out, fused_out, atol=1e-5) and torch.equal(macs, fused_macs)
     assert fused._compact_paths[0].run_backbone is not fused._compact_paths[0].backbone
     assert eager._compact_paths[0].run_backbone is eager._compact_paths[0].backbone
+    compiled = fused._compact_paths[0]
+    with torch.no_grad():
+        fused.forward_with_macs(x, tasks)
+    assert fused._compact_paths[0] is compiled
     larger = torch.cat([x] * 2)  # each sample's channels would change the compiled shapes
     assert eager.runs_per_sample(larger) and not fused.runs_per_sample(larger)
 
