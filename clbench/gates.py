@@ -99,7 +99,7 @@ class CompactGate:
 
     def __init__(self, gates: list[nn.Sequential], allowed: torch.Tensor, kept_in: torch.Tensor,
                  kept_out: torch.Tensor):
-        firsts = [folded(first.weight.detach()[:, kept_in], first.bias.detach(), norm, slice(None))
+        firsts = [folded(first.weight.detach().index_select(1, kept_in), first.bias.detach(), norm, slice(None))
                   for first, norm, _, _ in gates]
         self.first = torch.stack([w.t() for w, _ in firsts]), torch.stack([b for _, b in firsts])[:, None]
         lasts = [gate[-1] for gate in gates]
