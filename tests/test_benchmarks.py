@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import ROOT, load_script
 
 from clbench import compact, models
-from clbench.benchmarking import LAYOUT_USERS, layout, trained_network
+from clbench.benchmarking import LAYOUT_USERS, interleaved_times, layout, trained_network
 from clbench.config import RunConfig
 from clbench.datasets.scenarios import build_scenario
 from clbench.models import ModelSpec
@@ -111,6 +111,29 @@ def test_batch_thresholds_benchmark_writes_its_table(tiny_scenario, tmp_path, ca
     monkeypatch.setattr(CompactPath, "stacked", negated_logits)
     with pytest.raises(SystemExit, match="computed different things"):
         thresholds.main([*arguments, "--batches", "2"])
+
+
+def test_path_build_benchmark_writes_its_table(tiny_scenario, tmp_path, capsys, monkeypatch):
+    """The table, and what each timed build builds: every learned task's path, and in the
+    class setting every learned path as one."""
+    build, built = benchmark("path_build"), []
+
+    def timed(builds, rounds, repeats):
+        built.append({name: call() for name, call in builds.items()})
+        return interleaved_times(builds, rounds, repeats)
+
+    monkeypatch.setattr(build, "interleaved_times", timed)
+    table = tiny_table(build, tmp_path / "path_build.csv", "--trained-on", tiny_scenario)
+    tasks = tuple(range(5))
+    assert [[path.tasks for path in paths["each_task"]] for paths in built] == [[(t,) for t in tasks]] * 6
+    assert [paths["stacked"].tasks for paths in built if "stacked" in paths] == [tasks] * 3
+    networks = {("small_cnn", "trained"), ("small_cnn", "random"), ("resnet18", "random")}
+    assert set(zip(table.backbone, table.gates)) == networks and len(table) == len(networks) * 3
+    assert list(table.query("setting == 'task'").paths) == ["each_task"] * 3
+    assert list(table.query("setting == 'class'").paths) == ["each_task", "stacked"] * 3
+    assert (table.tasks == 5).all() and (table.repeats == 1).all()
+    assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()  # a build takes time
+    assert "tasks" in capsys.readouterr().out
 
 
 def test_the_inference_benchmarks_time_the_networks_of_finished_runs(tiny_scenario, tmp_path):
