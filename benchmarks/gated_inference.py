@@ -33,7 +33,12 @@ channels some sample of the batch opens against how many the task keeps (column
 `batch_open_channels`): where these are equal, running a batch on the channels its samples
 open saves nothing over the compact path.
 
+With `--profile EXECUTION`, instead of timing: `--repeats` passes of that execution on
+each network and batch under PyTorch's profiler, and their costliest operators by self
+CPU time, with their input shapes (no CSV): where a pass's time goes.
+
 Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on SCENARIO | --runs RUN_DIR ...]
+       python benchmarks/gated_inference.py --threads 1 --runs RUN_DIR --profile per_sample
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 from pathlib import Path
+from typing import Callable
 from unittest import mock
 
 import torch
@@ -124,6 +130,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
     parser.add_argument("--tiny", action="store_true", help="narrow networks, 2 rounds of 1 batch: a check in seconds")
     parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
+    parser.add_argument("--profile", choices=["dense", "masked", "compact", "compact_unpadded", "per_sample", "stacked",
+                                              "dense_every_path"],
+                        help="profile this execution instead of timing every one (no CSV)")
     add_network_options(parser)
     args = parser.parse_args(argv)
     rounds, repeats = (2, 1) if args.tiny else (args.rounds, args.repeats)
@@ -139,6 +148,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     kept, (patterns, channels) = kept_macs(gated, x, t), gate_usage(gated, x)
                     for execute in runs.values():  # warm up (and cut the compact paths)
                         execute()
+                    if args.profile:
+                        if args.profile in runs:
+                            print(f"{backbone} ({width}), {gates} gates, {setting} setting, batch {batch}, "
+                                  f"{args.profile}:\n{profile(runs[args.profile], repeats)}")
+                        continue
                     times = interleaved_times(runs, rounds, repeats)
                 for name, measured in times.items():
                     rows.append({"backbone": backbone, "width": width, "gates": gates, "trained_on": trained_on,
@@ -149,9 +163,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  "kept_macs_per_sample": round(kept), "speedup_kept_macs": round(macs["dense"] / kept, 2),
                                  "gate_patterns": patterns, "batch_open_channels": channels,
                                  "rounds": rounds, "repeats": repeats, **machine})
-    print_table(rows)
-    write_csv(rows, COLUMNS, args.output)
+    if not args.profile:
+        print_table(rows)
+        write_csv(rows, COLUMNS, args.output)
     return rows
+
+
+def profile(execute: Callable[[], object], passes: int) -> str:
+    """The costliest operators of `passes` passes, by self CPU time, with input shapes."""
+    with torch.profiler.profile(record_shapes=True) as profiler:
+        for _ in range(passes):
+            execute()
+    return profiler.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20,
+                                                                  max_name_column_width=40)
 
 
 def print_table(rows: list[dict]) -> None:

@@ -578,6 +578,21 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
     assert "speed-up" in capsys.readouterr().out
 
 
+def test_gated_inference_benchmark_profiles_one_execution_without_a_table(tiny_scenario, tmp_path, capsys):
+    """`--profile stacked`: the class setting's networks only (the task setting has no
+    stacked paths), each batch, the stacked paths' operators (their heads' batched
+    product among them), and no CSV."""
+    benchmark = load_script("benchmarks", "gated_inference")
+    output = tmp_path / "gated_inference.csv"
+    benchmark.main(["--tiny", "--threads", "1", "--output", str(output), "--trained-on", tiny_scenario,
+                    "--profile", "stacked"])
+    printed = capsys.readouterr().out
+    headers = [line for line in printed.splitlines() if line.endswith(", stacked:")]
+    assert len(headers) == 6 and all("class setting" in line for line in headers)
+    assert "aten::baddbmm" in printed and "Input Shapes" in printed
+    assert not output.exists()
+
+
 def test_the_agreement_script_finds_where_compact_and_masked_predictions_differ(tiny_scenario, tmp_path, capsys,
                                                                                monkeypatch):
     """A tiny ccgn run's compact and masked predictions agree; with the compact
