@@ -208,8 +208,8 @@ class CompactConv:
     def __init__(self, layer: nn.Conv2d | nn.Linear, norm: nn.BatchNorm2d | None, kept_in: torch.Tensor,
                  kept_out: torch.Tensor):
         self.out_channels = len(kept_out)
-        # index_select: indexing both dimensions with tensors took 6 times as long on the
-        # small CNN's linear layer, most of the time a path took to cut
+        # index_select: indexing both dimensions with tensors, slower, was most of the cut of
+        # a small CNN's path, in its linear layer (`benchmarks/path_build.py`)
         weight = layer.weight.detach().index_select(0, kept_out).index_select(1, kept_in)
         bias = None if layer.bias is None else layer.bias.detach()[kept_out]
         if norm is not None:
