@@ -142,7 +142,7 @@ class ConditionalGating(TaskPathTraining):
         done = self.clock.train_exp_iterations / (self.train_epochs * len(self.dataloader)) if self.is_training else 1.0
         l0_weight, shaping_weight = regulariser_weights(self.hp, done)
         loss = self.task_loss() + l0_weight * sparsity
-        if self.trace.probabilities:  # training only
+        if shaping_weight and self.trace.probabilities:  # training only, and not once the term has faded
             shaping = torch.stack([batch_shaping_loss(p, self.hp.prior_alpha, self.hp.prior_beta)
                                    for p in self.trace.probabilities]).mean()
             loss = loss + shaping_weight * shaping
