@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
                 with torch.no_grad():
                     runs, macs = executions(spec, gated, x, t)
-                    kept, (patterns, channels) = kept_macs(gated, x, t), gate_usage(gated, x)
                     for execute in runs.values():  # warm up (and cut the compact paths)
                         execute()
                     if args.profile:
@@ -153,6 +152,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             print(f"{backbone} ({width}), {gates} gates, {setting} setting, batch {batch}, "
                                   f"{args.profile}:\n{profile(runs[args.profile], repeats)}")
                         continue
+                    kept, (patterns, channels) = kept_macs(gated, x, t), gate_usage(gated, x)
                     times = interleaved_times(runs, rounds, repeats)
                 for name, measured in times.items():
                     rows.append({"backbone": backbone, "width": width, "gates": gates, "trained_on": trained_on,
