@@ -22,17 +22,13 @@ Usage: python benchmarks/batch_thresholds.py [--threads 1] [--tiny] [--runs RUN_
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
-from clbench.benchmarking import (add_network_options, best_and_median_ms, gated_networks, interleaved_times,
-                                  machine_columns, machine_line, torch_threads, write_csv)
+from clbench.benchmarking import (add_network_options, benchmark_parser, best_and_median_ms, gated_networks,
+                                  interleaved_times, machine_columns, machine_line, torch_threads, write_csv)
 from clbench.models import build_model
 from clbench.path_network import TaskPathNet
 
-RESULTS = Path(__file__).parent / "results" / "batch_thresholds.csv"
 COLUMNS = ["backbone", "width", "gates", "trained_on", "setting", "batch", "execution", "best_ms", "median_ms",
            "speedup_over_dense", "union_ratio", "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
@@ -59,13 +55,9 @@ def executions(model, dense, setting: str, x: torch.Tensor, t: torch.Tensor) -> 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__file__, __doc__, "width 4, 2 rounds of 1 pass", rounds=5, repeats=3,
+                              repeats_help="passes per round at a batch of 64")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3, help="passes per round at a batch of 64 [%(default)s]")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="width 4, 2 rounds of 1 pass: a check in seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     add_network_options(parser)
     args = parser.parse_args(argv)
     rounds, repeats = (2, 1) if args.tiny else (args.rounds, args.repeats)

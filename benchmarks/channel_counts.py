@@ -13,16 +13,12 @@ Usage: python benchmarks/channel_counts.py [--threads 1] [--tiny]
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from clbench.benchmarking import (best_and_median_ms, interleaved_times, machine_columns, machine_line, torch_threads,
-                                  write_csv)
+from clbench.benchmarking import (benchmark_parser, best_and_median_ms, interleaved_times, machine_columns,
+                                  machine_line, torch_threads, write_csv)
 
-RESULTS = Path(__file__).parent / "results" / "channel_counts.csv"
 COLUMNS = ["operation", "in_channels", "size", "out_channels", "best_ms", "median_ms", "rounds", "repeats", "machine",
            "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
 SHAPES = [("conv", 1, 28), ("conv", 27, 14), ("conv", 32, 14), ("conv", 5, 32), ("max_pool", None, 28),
@@ -45,12 +41,7 @@ def operation(kind: str, in_channels: int | None, size: int, out_channels: int, 
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="batch 2, 2 rounds of 1 call: a check in seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
+    parser = benchmark_parser(__file__, __doc__, "batch 2, 2 rounds of 1 call", rounds=7, repeats=5)
     args = parser.parse_args(argv)
     rounds, repeats, batch = (2, 1, 2) if args.tiny else (args.rounds, args.repeats, 64)
     rows = []

@@ -13,7 +13,6 @@ Usage: python benchmarks/channels_last_effect.py [--threads 1] [--tiny]
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from contextlib import nullcontext
@@ -22,11 +21,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from clbench.benchmarking import layout, machine_columns, split_mnist_mini_tasks, torch_threads, write_csv
+from clbench.benchmarking import (benchmark_parser, layout, machine_columns, split_mnist_mini_tasks, torch_threads,
+                                  write_csv)
 from clbench.config import RunConfig
 from clbench.runner import run
 
-RESULTS = Path(__file__).parent / "results" / "channels_last_effect.csv"
 CASES = [("task", strategy, {}) for strategy in ("naive", "ewc", "lwf", "si", "agem", "hat", "ccgn")]
 CASES += [("task", "packnet", {"epochs": 2}), ("task", "naive", {"modules": ["ptq"]})]
 CASES += [("class", strategy, {}) for strategy in ("naive", "replay", "icarl", "hat_tc", "ccgn", "joint")]
@@ -42,11 +41,8 @@ def timed_run(cfg: RunConfig, name: str) -> tuple[float, pd.DataFrame]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="two runs on 32 images per digit: a check in seconds")
+    parser = benchmark_parser(__file__, __doc__, "two runs on 32 images per digit")
     parser.add_argument("--work", type=Path, help="folder for the runs [default: a temporary one]")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     args = parser.parse_args(argv)
     cases = CASES[:1] + CASES[-2:-1] if args.tiny else CASES
     scenario = split_mnist_mini_tasks(5, 32, 8) if args.tiny else "split_mnist_mini"

@@ -15,7 +15,6 @@ Usage: python benchmarks/compact_revisions.py [--against HEAD] [--threads 1] [--
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import subprocess
@@ -27,11 +26,10 @@ from pathlib import Path
 import torch
 
 from clbench import compact
-from clbench.benchmarking import (add_network_options, gated_networks, interleaved_times, machine_columns,
-                                  machine_line, torch_threads, write_csv)
+from clbench.benchmarking import (add_network_options, benchmark_parser, gated_networks, interleaved_times,
+                                  machine_columns, machine_line, torch_threads, write_csv)
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results" / "compact_revisions.csv"
 COLUMNS = ["backbone", "width", "gates", "trained_on", "setting", "batch", "against", "best_ms_against", "best_ms_here",
            "median_ms_against", "median_ms_here", "ratio_best", "macs_per_sample", "rounds", "repeats", "machine",
            "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
@@ -67,13 +65,9 @@ def imported_as_compact(module: types.ModuleType):
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__file__, __doc__, "2 rounds of 1 pass, width 4", rounds=9, repeats=20,
+                              repeats_help="passes per round at batch 1 (a tenth at 64)")
     parser.add_argument("--against", default="HEAD", help="the commit to compare with [%(default)s]")
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--repeats", type=int, default=20, help="passes per round at batch 1 (a tenth at 64)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="2 rounds of 1 pass, width 4: a check in seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     add_network_options(parser)
     args = parser.parse_args(argv)
     other, commit = compact_at(args.against)

@@ -16,19 +16,16 @@ Usage: python benchmarks/compiled_paths.py [--threads 1] [--backbone resnet18 | 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
 
-from clbench.benchmarking import (GATED_BACKBONES, TINY_WIDTH, best_and_median_ms, gated_network, interleaved_times,
-                                  machine_columns, machine_line, torch_threads, write_csv)
+from clbench.benchmarking import (GATED_BACKBONES, TINY_WIDTH, benchmark_parser, best_and_median_ms, gated_network,
+                                  interleaved_times, machine_columns, machine_line, torch_threads, write_csv)
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
 
-RESULTS = Path(__file__).parent / "results" / "compiled_paths.csv"
 COLUMNS = ["backbone", "width", "gates", "setting", "batch", "execution", "best_ms", "median_ms", "speedup_vs_dense",
            "first_pass_s", "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche",
            "clbench_commit"]
@@ -45,14 +42,10 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__file__, __doc__, "width 4, batch 1 and 4, 2 rounds of 1 pass", rounds=7, repeats=20,
+                              repeats_help="passes per round at batch 1 (a tenth at 64)")
     parser.add_argument("--backbone", choices=sorted(GATED_BACKBONES), default="small_cnn")
     parser.add_argument("--trained-on", metavar="SCENARIO", help="ccgn's small CNN trained there, not random gates")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--repeats", type=int, default=20, help="passes per round at batch 1 (a tenth at 64)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="width 4, batch 1 and 4, 2 rounds of 1 pass")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     args = parser.parse_args(argv)
     if args.trained_on and args.backbone != "small_cnn":
         parser.error("--trained-on trains ccgn's small CNN: leave out --backbone")

@@ -18,22 +18,19 @@ Usage: python benchmarks/freezable_batch_norm.py [--threads 1] [--tiny]
 
 from __future__ import annotations
 
-import argparse
 import copy
 from functools import partial
-from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
-from clbench.benchmarking import (best_and_median_ms, interleaved_times, machine_columns, machine_line, torch_threads,
-                                  write_csv)
+from clbench.benchmarking import (benchmark_parser, best_and_median_ms, interleaved_times, machine_columns,
+                                  machine_line, torch_threads, write_csv)
 from clbench.models import ModelSpec
 from clbench.path_network import FreezableBatchNorm2d
 from clbench.registry import get_strategy
 
-RESULTS = Path(__file__).parent / "results" / "freezable_batch_norm.csv"
 DIFFERENCES = ["max_output_difference", "max_gradient_difference", "max_statistics_difference"]  # from clbench's
 COLUMNS = ["scope", "channels", "size", "frozen_share", "variant", "best_ms", "median_ms", "ratio_to_clbench_best",
            *DIFFERENCES, "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
@@ -99,12 +96,7 @@ def ccgn_steps(variants: dict, width: int, batch: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="batch 2, 2 rounds of 1 call: a check in seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
+    parser = benchmark_parser(__file__, __doc__, "batch 2, 2 rounds of 1 call", rounds=7, repeats=20)
     args = parser.parse_args(argv)
     rounds, repeats, batch = (2, 1, 2) if args.tiny else (args.rounds, args.repeats, 32)
     rows = []

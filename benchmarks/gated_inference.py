@@ -43,22 +43,19 @@ Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on
 
 from __future__ import annotations
 
-import argparse
 import copy
-from pathlib import Path
 from typing import Callable
 from unittest import mock
 
 import torch
 
 from clbench import compact
-from clbench.benchmarking import (add_network_options, best_and_median_ms, gated_networks, interleaved_times,
-                                  machine_columns, machine_line, torch_threads, write_csv)
+from clbench.benchmarking import (add_network_options, benchmark_parser, best_and_median_ms, gated_networks,
+                                  interleaved_times, machine_columns, machine_line, torch_threads, write_csv)
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
 from clbench.runner import dense_macs
 
-RESULTS = Path(__file__).parent / "results" / "gated_inference.csv"
 COLUMNS = ["backbone", "width", "gates", "trained_on", "setting", "batch", "execution", "best_ms", "median_ms",
            "macs_per_sample", "speedup_measured", "speedup_macs", "kept_macs_per_sample", "speedup_kept_macs",
            "gate_patterns", "batch_open_channels",
@@ -124,12 +121,8 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--repeats", type=int, default=5, help="batches per round and execution")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="narrow networks, 2 rounds of 1 batch: a check in seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
+    parser = benchmark_parser(__file__, __doc__, "narrow networks, 2 rounds of 1 batch", rounds=7, repeats=5,
+                              repeats_help="batches per round and execution")
     parser.add_argument("--profile", choices=["dense", "masked", "compact", "compact_unpadded", "per_sample", "stacked",
                                               "dense_every_path"],
                         help="profile this execution instead of timing every one (no CSV)")

@@ -15,27 +15,19 @@ Usage: python benchmarks/path_build.py [--threads 1] [--tiny] [--runs RUN_DIR ..
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
-from clbench.benchmarking import (add_network_options, best_and_median_ms, gated_networks, interleaved_times,
-                                  machine_columns, machine_line, torch_threads, write_csv)
+from clbench.benchmarking import (add_network_options, benchmark_parser, best_and_median_ms, gated_networks,
+                                  interleaved_times, machine_columns, machine_line, torch_threads, write_csv)
 from clbench.compact import CompactPath
 
-RESULTS = Path(__file__).parent / "results" / "path_build.csv"
 COLUMNS = ["backbone", "width", "gates", "trained_on", "setting", "paths", "tasks", "best_ms", "median_ms", "rounds",
            "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--repeats", type=int, default=10, help="builds per round [%(default)s]")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="width 4, 2 rounds of 1 build: a check in seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
+    parser = benchmark_parser(__file__, __doc__, "width 4, 2 rounds of 1 build", rounds=7, repeats=10,
+                              repeats_help="builds per round")
     add_network_options(parser)
     args = parser.parse_args(argv)
     rounds, repeats = (2, 1) if args.tiny else (args.rounds, args.repeats)

@@ -15,18 +15,15 @@ Usage: python benchmarks/per_sample_positions.py [--threads 1] [--tiny]
 
 from __future__ import annotations
 
-import argparse
 from itertools import product
-from pathlib import Path
 from unittest import mock
 
 import torch
 
 from clbench import compact
-from clbench.benchmarking import (best_and_median_ms, gated_network, interleaved_times, machine_columns, machine_line,
-                                  torch_threads, write_csv)
+from clbench.benchmarking import (benchmark_parser, best_and_median_ms, gated_network, interleaved_times,
+                                  machine_columns, machine_line, torch_threads, write_csv)
 
-RESULTS = Path(__file__).parent / "results" / "per_sample_positions.csv"
 COLUMNS = ["backbone", "width", "allowed", "batch", "execution", "threshold", "best_ms", "median_ms",
            "speedup_over_compact", "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch",
            "avalanche", "clbench_commit"]
@@ -48,15 +45,10 @@ def executions(model, x: torch.Tensor, t: torch.Tensor, thresholds: list[int]) -
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__file__, __doc__, "width 4, batch 8, 2 rounds", rounds=5, repeats=1)
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--allowed", type=float, nargs="+", default=[0.25, 0.75])
     parser.add_argument("--thresholds", type=int, nargs="+", default=[0, 100, 300, 1000])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="width 4, batch 8, 2 rounds: a check in seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     args = parser.parse_args(argv)
     widths, batch, rounds = ([4], 8, 2) if args.tiny else (args.widths, 64, args.rounds)
     rows = []

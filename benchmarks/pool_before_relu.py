@@ -13,8 +13,6 @@ Usage: python benchmarks/pool_before_relu.py [--threads 1] [--tiny]
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from unittest import mock
 
 import torch
@@ -22,12 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench import path_network
-from clbench.benchmarking import (best_and_median_ms, interleaved_times, machine_columns, machine_line, torch_threads,
-                                  write_csv)
+from clbench.benchmarking import (benchmark_parser, best_and_median_ms, interleaved_times, machine_columns,
+                                  machine_line, torch_threads, write_csv)
 from clbench.models import ModelSpec, SmallCNN, channels_last
 from clbench.registry import get_strategy
 
-RESULTS = Path(__file__).parent / "results" / "pool_before_relu.csv"
 ORDERS = ["pool_then_relu", "relu_then_pool"]  # clbench's, the former
 COLUMNS = ["workload", "order", "batch", "best_ms", "median_ms", "speed_vs_relu_first", "max_output_difference",
            "max_gradient_difference", "rounds", "repeats", "machine", "cores", "torch_threads", "python", "torch",
@@ -88,12 +85,7 @@ def largest_differences(first, second) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="width 4, batches 4 and 8, 2 rounds of 1 call")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
+    parser = benchmark_parser(__file__, __doc__, "width 4, batches 4 and 8, 2 rounds of 1 call", rounds=7, repeats=10)
     args = parser.parse_args(argv)
     rounds, repeats, width, train_batch, eval_batch = (2, 1, 4, 4, 8) if args.tiny else (
         args.rounds, args.repeats, 32, 64, 512)

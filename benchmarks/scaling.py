@@ -33,20 +33,17 @@ Usage: python benchmarks/scaling.py --threads 1 [--tiny] [--tasks 5 10 20] [--st
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import resource
 import tempfile
-from pathlib import Path
 
 import pandas as pd
 import torch
 
-from clbench.benchmarking import machine_columns, split_mnist_mini_tasks, torch_threads, write_csv
+from clbench.benchmarking import benchmark_parser, machine_columns, split_mnist_mini_tasks, torch_threads, write_csv
 from clbench.config import RunConfig
 from clbench.runner import run
 
-RESULTS = Path(__file__).parent / "results" / "scaling.csv"
 # In the class setting HAT needs ccgn's task classifier: hat_tc.
 STRATEGIES = {"naive": {"task": "naive", "class": "naive"}, "ewc": {"task": "ewc", "class": "ewc"},
               "hat": {"task": "hat", "class": "hat_tc"}, "ccgn": {"task": "ccgn", "class": "ccgn"}}
@@ -90,16 +87,13 @@ def in_fresh_process(cfg: RunConfig, scenario: tuple[int, int, int], threads: in
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_parser(__file__, __doc__, "8 / 4 images per digit, width 4")
     parser.add_argument("--tasks", type=int, nargs="+", default=[5, 10, 20], help="multiples of 5 [%(default)s]")
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     parser.add_argument("--settings", nargs="+", choices=["task", "class"], default=["task", "class"])
     parser.add_argument("--train-per-class", type=int, default=64, help="training images per digit [%(default)s]")
     parser.add_argument("--test-per-class", type=int, default=20, help="test images per digit [%(default)s]")
     parser.add_argument("--width", type=int, default=RunConfig().width, help="small CNN width [%(default)s]")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="8 / 4 images per digit, width 4: a check in seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     args = parser.parse_args(argv)
     train_per_class, test_per_class, width = (8, 4, 4) if args.tiny else (
         args.train_per_class, args.test_per_class, args.width)

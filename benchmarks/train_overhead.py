@@ -38,11 +38,9 @@ Usage: python benchmarks/train_overhead.py --threads 1 [--tiny] [--profile ccgn]
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -52,13 +50,13 @@ from clbench.datasets.scenarios import build_scenario
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from clbench.benchmarking import layout, machine_columns, split_mnist_mini_tasks, torch_threads, write_csv
+from clbench.benchmarking import (benchmark_parser, layout, machine_columns, split_mnist_mini_tasks, torch_threads,
+                                  write_csv)
 from clbench.config import RunConfig
 from clbench.models import ModelSpec, build_model
 from clbench.registry import get_strategy
 from clbench.runner import TrainingProgress, make_optimizer, resolve, training_setup
 
-RESULTS = Path(__file__).parent / "results" / "train_overhead.csv"
 COLUMNS = ["backbone", "width", "variant", "iterations", "best_ms", "median_ms", "best_wall_ms", "median_wall_ms",
            "speed_vs_bare", "speed_vs_bare_median", "ccgn_vs_ungated", "ccgn_vs_ungated_median", "tasks", "batch",
            "rounds", "machine", "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
@@ -169,15 +167,10 @@ def profile(build: Callable[[], Run]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = benchmark_parser(__file__, __doc__, "narrow networks, 32 images per digit, 2 rounds", rounds=5)
     parser.add_argument("--tasks", type=int, default=2, help="tasks trained per round [%(default)s]")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--resnet-width", type=int, default=8, help="ResNet-18's first-stage width [%(default)s]")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
-    parser.add_argument("--tiny", action="store_true", help="narrow networks, 32 images per digit, 2 rounds: "
-                                                            "a check in seconds")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="CSV to write [default: %(default)s]")
     names = ["bare", "bare_nchw", "avalanche_naive", *CLBENCH_VARIANTS]
     parser.add_argument("--profile", choices=names, help="profile this variant instead of timing every one (no CSV)")
     parser.add_argument("--backbones", nargs="+", choices=["small_cnn", "resnet18"], default=["small_cnn", "resnet18"])

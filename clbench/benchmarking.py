@@ -232,6 +232,26 @@ class GatedNetwork(NamedTuple):
     images: torch.Tensor
 
 
+def benchmark_parser(script: str, doc: str, tiny: str, rounds: int | None = None, repeats: int | None = None,
+                     repeats_help: str = "calls per round and variant") -> argparse.ArgumentParser:
+    """A benchmark script's parser (`script` its `__file__`, `doc` its docstring, whose
+    first paragraph describes it), with the options the scripts share: `--rounds` and
+    `--repeats` where it times interleaved rounds, `--threads`, `--tiny` (a check in
+    seconds, the tests' run: `tiny` says what it runs) and `--output`, by default
+    `results/<script's name>.csv` beside the script."""
+    path = Path(script)
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if rounds is not None:
+        parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds [%(default)s]")
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats, help=f"{repeats_help} [%(default)s]")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads [%(default)s]")
+    parser.add_argument("--tiny", action="store_true", help=f"{tiny}: a check in seconds")
+    parser.add_argument("--output", type=Path, default=path.parent / "results" / f"{path.stem}.csv",
+                        help="CSV to write [%(default)s]")
+    return parser
+
+
 def add_network_options(parser: argparse.ArgumentParser) -> None:
     """The options of the benchmarks that time `gated_networks`: `--trained-on`, `--runs`."""
     parser.add_argument("--trained-on", default="split_mnist_mini",

@@ -99,7 +99,7 @@ class MacCount:
     its MACs per input-output pair, as `masked_macs` counts them, plus its gates' fixed
     MACs. Every term's masks are concatenated and summed per term in one matrix product,
     instead of about eight small operations per layer: at batch 1 those are a large
-    share of the forward pass (README, Benchmarks)."""
+    share of the forward pass (`benchmarks/README.md`, "MAC counting and the shared first layer")."""
 
     def __init__(self):
         self.inputs, self.outputs, self.per_pair, self.fixed = [], [], [], 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import ROOT, load_script
 
 from clbench import compact, models
-from clbench.benchmarking import LAYOUT_USERS, interleaved_times, layout, trained_network
+from clbench.benchmarking import LAYOUT_USERS, benchmark_parser, interleaved_times, layout, trained_network
 from clbench.config import RunConfig
 from clbench.datasets.scenarios import build_scenario
 from clbench.models import ModelSpec
@@ -29,6 +29,16 @@ def tiny_table(script, output, *arguments: str) -> pd.DataFrame:
     table = pd.read_csv(output)
     assert list(table.columns) == script.COLUMNS
     return table
+
+
+def test_a_benchmark_parser_has_the_shared_options_and_writes_beside_its_script_by_default():
+    parser = benchmark_parser(str(ROOT / "benchmarks" / "scaling.py"), "Times a thing.\n\nHow.", "width 4", rounds=3)
+    args = parser.parse_args([])
+    assert parser.description == "Times a thing."
+    assert args.output == ROOT / "benchmarks" / "results" / "scaling.csv"
+    assert (args.rounds, args.tiny, args.threads) == (3, False, torch.get_num_threads()) and "repeats" not in vars(args)
+    args = parser.parse_args(["--tiny", "--threads", "1", "--output", "elsewhere.csv"])
+    assert (args.tiny, args.threads, str(args.output)) == (True, 1, "elsewhere.csv")
 
 
 def test_train_overhead_benchmark_writes_its_table(tmp_path, capsys):
