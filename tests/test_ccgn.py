@@ -3,6 +3,7 @@ classifier and compute accounting."""
 
 import pytest
 import torch
+from avalanche.core import SupervisedPlugin
 from conftest import train_tasks
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -218,3 +219,31 @@ def test_the_task_classifier_can_read_every_paths_features_at_one_norm(tiny_scen
     model.normalise_task_features = False
     model.classify_task(features)
     assert torch.equal(seen[-1][:, :2 * width], features)
+
+
+class GradientRecord(SupervisedPlugin):
+    """After every backward pass of a task: which parameters got a gradient, and which
+    the optimiser holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+
+    def after_backward(self, strategy, **kwargs):
+        with_gradient = {id(p) for p in strategy.model.parameters() if p.grad is not None}
+        optimised = {id(p) for group in strategy.optimizer.param_groups for p in group["params"]}
+        self.steps.append((strategy.experience.current_experience, with_gradient, optimised))
+
+
+@pytest.mark.parametrize("name, setting", [("ccgn", "task"), ("ccgn", "class"), ("hat", "task"), ("hat_tc", "class")])
+def test_each_task_optimises_every_parameter_it_trains_and_no_other_tasks_head_or_gates(name, setting, tiny_scenario):
+    record = GradientRecord()
+    trainer, _ = train_tasks(get_strategy(name), tiny_scenario, setting, 3, "small_cnn", 8, {}, plugins=[record])
+    model = trainer.model
+    for task, with_gradient, optimised in record.steps:
+        assert with_gradient <= optimised  # a gradient no step would apply
+        others = [head for t, head in enumerate(model.heads) if t != task]
+        if name == "ccgn":
+            others += [layer.gates[t] for layer in model.path_layers for t in range(len(model.heads)) if t != task]
+        assert not optimised & {id(p) for module in others for p in module.parameters()}
+    assert {task for task, _, _ in record.steps} == {0, 1, 2}
