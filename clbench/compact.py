@@ -531,8 +531,7 @@ class CompactPath:
     def __init__(self, model: TaskPathNet, tasks: tuple[int, ...]):
         self.tasks = tasks
         heads = [model.heads[task] for task in tasks]
-        own_sources = list(dict.fromkeys([m for layer in model.path_layers for task in tasks
-                                          for m in layer.mask_modules(task)] + heads))  # each once
+        own_sources = list(dict.fromkeys(m for task in tasks for m in model.task_modules(task)))  # each once
         # Found once, not walked on every pass, which cost a share of a small batch's pass
         # (`benchmarks/batch_thresholds.py`); `Registrations` sees any tensor replaced.
         self.sources = tensors_of(kernel_modules(model) + own_sources)

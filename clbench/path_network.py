@@ -339,6 +339,12 @@ class TaskPathNet(MultiTaskModule):
         access took about 1% of ccgn's training step, which reads them every iteration."""
         return list(self.named_path_layers().values())
 
+    def task_modules(self, task: int) -> list[nn.Module]:
+        """The modules that hold what task `task`'s path has of its own: each layer's
+        mask modules (`PathLayer.mask_modules`, which may name one that every task shares,
+        as HAT's embedding) and the task's head."""
+        return [m for layer in self.path_layers for m in layer.mask_modules(task)] + [self.heads[task]]
+
     def named_path_layers(self) -> dict[str, PathLayer]:
         """The masked layers in forward order, named by their place in the backbone."""
         return {name: m for name, m in self.backbone.named_modules() if isinstance(m, PathLayer)}

@@ -97,22 +97,20 @@ class TaskPathTraining(SupervisedTemplate):
         (ccgn's small CNN on 5 tasks: 80 of its 106 tensors). Their gradients are
         cleared, as zero_grad no longer reaches them."""
         super().make_optimizer(**{**kwargs, "reset_optimizer_state": True})
-        others = set(map(id, self.other_tasks_parameters()))
+        others = self.other_tasks_parameters()
+        for parameter in others:
+            parameter.grad = None
         group, = self.optimizer.param_groups
-        for parameter in group["params"]:
-            if id(parameter) in others:
-                parameter.grad = None
-        group["params"] = [parameter for parameter in group["params"] if id(parameter) not in others]
+        left_out = set(map(id, others))
+        group["params"] = [parameter for parameter in group["params"] if id(parameter) not in left_out]
 
     def other_tasks_parameters(self) -> list[torch.Tensor]:
-        """The parameters of the heads and of the mask modules of tasks other than this
-        one, less those this task's path uses too (HAT's embeddings hold every task's)."""
+        """The parameters of the other tasks' heads and mask modules, less those this
+        task's path uses too (HAT's embeddings hold every task's)."""
         model = self.model
 
         def own(task: int) -> list[torch.Tensor]:
-            return [*model.heads[task].parameters(),
-                    *(p for layer in model.path_layers for m in layer.mask_modules(task)
-                      for p in m.parameters(recurse=False))]
+            return [p for m in model.task_modules(task) for p in m.parameters(recurse=False)]
 
         mine = set(map(id, own(self.task)))
         return [p for task in range(len(model.heads)) if task != self.task for p in own(task) if id(p) not in mine]
