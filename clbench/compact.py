@@ -45,7 +45,7 @@ from torch import nn
 
 from clbench.models import channels_last
 from clbench.path_network import (PathBasicBlock, PathLayer, PathResNet18, PathSmallCNN, TaskPathNet,
-                                  pool_and_relu)
+                                  pool_and_relu, positions_mean)
 
 
 def keeps_any(layer: PathLayer, tasks: tuple[int, ...]) -> torch.Tensor:
@@ -75,7 +75,7 @@ CHANNEL_MULTIPLE = 8
 def pool_stage(stages: list[torch.Tensor] | None, x: torch.Tensor, index: torch.Tensor, channels: int) -> None:
     """As `PathTrace.pool_stage`, for a stage output holding channels `index` of `channels`."""
     if stages is not None:
-        stages.append(widen(x.mean((2, 3)) if x.dim() == 4 else x, index, channels))
+        stages.append(widen(positions_mean(x), index, channels))
 
 
 def padded(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -170,7 +170,7 @@ class SampleChannels:
 
     def pooled(self) -> torch.Tensor:
         """batch x kept: each channel averaged over positions (0 where not computed)."""
-        means = self.values.mean((2, 3)).view(self.index.shape)
+        means = positions_mean(self.values).view(self.index.shape)
         return means.new_zeros(self.active.shape).scatter_(1, self.index, means)
 
     def columns(self, channels: torch.Tensor) -> torch.Tensor:
@@ -456,7 +456,7 @@ class CompactResNet18:
         for block in self.blocks:
             x, active = block(x, active, count)
             pool_stage(stages, x, block.kept, block.out_units)
-        return x.mean((2, 3)), count.total()
+        return positions_mean(x), count.total()
 
     def per_sample(self, x: torch.Tensor, stages: list[torch.Tensor] | None,
                    first: SharedOutput | None) -> tuple[torch.Tensor, torch.Tensor]:

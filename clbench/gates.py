@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.compact import folded
-from clbench.path_network import PathLayer, PathTrace, raw_tensor
+from clbench.path_network import PathLayer, PathTrace, positions_mean, raw_tensor
 
 GATE_HIDDEN = 16
 
@@ -49,7 +49,7 @@ class GatedLayer(PathLayer):
     def mask(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
         """Training also records sigmoid(logits), each gate's probability of opening before
         the logistic noise, in `trace.probabilities` (batch-shaping's input)."""
-        logits = self.gates[task](x.mean((2, 3)) if x.dim() == 4 else x)
+        logits = self.gates[task](positions_mean(x))
         if self.training:
             trace.probabilities.append(torch.sigmoid(logits))
             return gumbel_sigmoid_straight_through(logits, self.temperature)
@@ -108,7 +108,7 @@ class CompactGate:
         self.last = torch.stack([last.weight.detach()[kept_out].t() for last in lasts]), biases[:, None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean((2, 3)) if x.dim() == 4 else x
+        pooled = positions_mean(x)
         weight, bias = self.first
         hidden = F.relu(torch.baddbmm(bias, pooled.view(len(weight), -1, pooled.shape[1]), weight))
         gates = torch.baddbmm(self.last[1], hidden, self.last[0]) > 0

@@ -90,6 +90,16 @@ def masked_macs(in_mask: torch.Tensor, out_mask: torch.Tensor, per_pair: int) ->
     return (in_mask.detach() > 0.5).sum(1) * (out_mask.detach() > 0.5).sum(1) * per_pair
 
 
+def positions_mean(x: torch.Tensor) -> torch.Tensor:
+    """A conv layer's output (or input) averaged over positions, batch x channels; a linear
+    layer's as it is. `x.mean((2, 3))` to the bit, gradient included, but its backward
+    divides the small gradient and broadcasts it, where `mean`'s writes a full-size
+    gradient and then adds it to the layer's input gradient, one more pass over the
+    largest tensors of ccgn's training step (`benchmarks/README.md`, "The gates' pooling
+    in training")."""
+    return x.sum((2, 3)) / (x.shape[2] * x.shape[3]) if x.dim() == 4 else x
+
+
 @dataclass
 class PathTrace:
     """What one forward pass through a task's path did, per sample: every masked layer's
@@ -109,7 +119,7 @@ class PathTrace:
 
     def pool_stage(self, x: torch.Tensor) -> None:
         if self.stages is not None:
-            self.stages.append(x.mean((2, 3)) if x.dim() == 4 else x)
+            self.stages.append(positions_mean(x))
 
 
 class PathLayer(nn.Module):
@@ -290,7 +300,7 @@ class PathResNet18(nn.Module):
         for block in self.blocks:
             x, active = block(x, task, active, trace)
             trace.pool_stage(x)
-        return x.mean((2, 3))
+        return positions_mean(x)
 
 
 PATH_BACKBONES = {"small_cnn": PathSmallCNN, "resnet18": PathResNet18}

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clbench.models import BACKBONES, ModelSpec
-from clbench.path_network import PATH_BACKBONES, FreezableBatchNorm2d, PathLayer, PathTrace
+from clbench.models import BACKBONES, ModelSpec, channels_last
+from clbench.path_network import PATH_BACKBONES, FreezableBatchNorm2d, PathLayer, PathTrace, positions_mean
 from clbench.registry import get_strategy
 
 
@@ -56,6 +56,19 @@ def test_path_backbone_with_every_mask_open_is_the_dense_backbone(backbone, in_c
         # The comparison is sharp: one changed weight changes the output.
         pairs[-1][1].weight[0].add_(0.1)
         assert not torch.allclose(path(x, 0, PathTrace()), expected, atol=1e-5)
+
+
+def test_positions_mean_is_mean_to_the_bit_gradient_included():
+    """ccgn's gates read their input through `positions_mean`, whose backward is cheaper
+    than `mean`'s: the gates, and so every result, must not move by a bit."""
+    torch.manual_seed(0)
+    x = channels_last(torch.randn(5, 7, 6, 6)).requires_grad_()  # 36 positions: dividing rounds
+    upstream = torch.randn(5, 7)
+    got, expected = positions_mean(x), x.mean((2, 3))
+    assert torch.equal(got, expected)
+    assert torch.equal(*(torch.autograd.grad(out, x, upstream)[0] for out in (got, expected)))
+    flat = torch.randn(5, 7)
+    assert positions_mean(flat) is flat
 
 
 @pytest.mark.parametrize("closed_gates_learn", [False, True])
