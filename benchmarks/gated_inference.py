@@ -11,6 +11,11 @@ ResNet-18 (CIFAR's input). In the class setting also every learned task's compac
 as one on the batch repeated once per task (`stacked`; clbench's default there up to
 `TaskPathNet.stacked_paths_max_batch`, timed here at a batch of 64 too), and the dense backbone run
 once per learned task (`dense_every_path`), what running every path densely would cost.
+In the task setting also the dense backbone narrowed to no more MACs per sample than the
+gated network executes (`dense_width_N`, N its width): the fastest of every such width,
+timed alike. No gates, every sample alike: what PyTorch's kernels make of that many MACs
+on this machine, the measured speed-up any execution of the gated network's MACs could
+hope for (its layers share the MACs out as the dense network's do, not as the gates do).
 
 Two kinds of gates (column `gates`). `trained`: the small CNN as ccgn learns it, trained
 by `clbench run` on the embedded Split MNIST (`--trained-on`, 1 epoch per task, seed 0,
@@ -44,6 +49,7 @@ Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Callable
 from unittest import mock
 
@@ -117,7 +123,20 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
         macs["stacked"] = executed
         runs["dense_every_path"] = lambda: [dense(x) for _ in range(gated.tasks_learned)]
         macs["dense_every_path"] = gated.tasks_learned * macs["dense"]
+    else:
+        for width in range(1, spec.width):
+            narrow = build_model(replace(spec, width=width)).eval()
+            macs[f"dense_width_{width}"] = dense_macs(narrow, x[:1], t[:1])
+            if macs[f"dense_width_{width}"] > executed:
+                break
+            runs[f"dense_width_{width}"] = lambda narrow=narrow: narrow(x, t)
     return runs, macs
+
+
+def fastest_narrow(times: dict[str, list[float]]) -> dict[str, list[float]]:
+    """`times` with only the fastest (best time) of the narrowed dense backbones."""
+    narrow = sorted((name for name in times if name.startswith("dense_width_")), key=lambda name: min(times[name]))
+    return {name: measured for name, measured in times.items() if name not in narrow[1:]}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -146,7 +165,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                   f"{args.profile}:\n{profile(runs[args.profile], repeats)}")
                         continue
                     kept, (patterns, channels) = kept_macs(gated, x, t), gate_usage(gated, x)
-                    times = interleaved_times(runs, rounds, repeats)
+                    times = fastest_narrow(interleaved_times(runs, rounds, repeats))
                 for name, measured in times.items():
                     rows.append({"backbone": backbone, "width": width, "gates": gates, "trained_on": trained_on,
                                  "setting": setting, "batch": batch, "execution": name, **best_and_median_ms(measured),

@@ -543,6 +543,12 @@ def test_gate_usage_counts_the_channels_a_batch_opens_of_those_its_task_keeps():
     assert all(0 < used <= k for used, k in counts)
 
 
+def test_gated_inference_keeps_the_fastest_narrowed_dense_backbone():
+    times = {"dense": [3.0], "dense_width_1": [2.0, 1.5], "dense_width_2": [1.0, 4.0], "dense_width_3": [1.2]}
+    assert load_script("benchmarks", "gated_inference").fastest_narrow(times) == \
+        {"dense": [3.0], "dense_width_2": [1.0, 4.0]}
+
+
 def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, capsys):
     benchmark = load_script("benchmarks", "gated_inference")
     output = tmp_path / "gated_inference.csv"
@@ -550,7 +556,19 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
     table = pd.read_csv(output)
     assert list(table.columns) == benchmark.COLUMNS
     executions = {"dense", "masked", "compact", "compact_unpadded", "per_sample"}
-    assert set(table.query("setting == 'task'").execution) == executions
+    assert set(table.query("setting == 'task'").execution) - executions <= {f"dense_width_{n}" for n in range(1, 4)}
+    assert executions < set(table.query("setting == 'task'").execution)
+    # The random-gate small CNN's task path runs more MACs than its width 1 on one image
+    # (not on 64, whose samples open fewer channels on average): one narrowed
+    # dense backbone per network and batch at most, of no more MACs than the gated
+    # executions; none in the class setting, none for the ResNet-18 (wider at width 1).
+    narrowed = table[table.execution.str.startswith("dense_width_")]
+    assert not narrowed.duplicated(["gates", "batch"]).any()
+    assert set(narrowed.backbone) == {"small_cnn"} and set(narrowed.setting) == {"task"}
+    assert 1 in set(narrowed.query("gates == 'random'").batch)
+    gated = table.query("execution == 'per_sample'").set_index(["backbone", "gates", "setting", "batch"])
+    assert all(row.macs_per_sample <= gated.macs_per_sample[row.backbone, row.gates, "task", row.batch]
+               for row in narrowed.itertuples())
     assert set(table.query("setting == 'class'").execution) == executions | {"stacked", "dense_every_path"}
     assert set(table.setting) == {"task", "class"} and set(table.backbone) == {"small_cnn", "resnet18"}
     assert set(table.query("backbone == 'small_cnn'").gates) == {"trained", "random"}
