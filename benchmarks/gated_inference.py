@@ -11,11 +11,12 @@ ResNet-18 (CIFAR's input). In the class setting also every learned task's compac
 as one on the batch repeated once per task (`stacked`; clbench's default there up to
 `TaskPathNet.stacked_paths_max_batch`, timed here at a batch of 64 too), and the dense backbone run
 once per learned task (`dense_every_path`), what running every path densely would cost.
-In the task setting also the dense backbone narrowed to no more MACs per sample than the
-gated network executes (`dense_width_N`, N its width): the fastest of every such width,
-timed alike. No gates, every sample alike: what PyTorch's kernels make of that many MACs
-on this machine, the measured speed-up any execution of the gated network's MACs could
-hope for (its layers share the MACs out as the dense network's do, not as the gates do).
+In the task setting also the dense backbone narrowed to each width whose MACs per sample
+do not exceed what the gated network executes, the fastest of them kept (`dense_width_N`,
+N its width): no gates, every sample alike, PyTorch's dense kernels. Width 1 was the
+fastest on every network timed so far; its time is about the least a pass of the backbone
+costs on this machine whatever it computes, a speed-up an execution of the gated
+network's MACs is unlikely to pass with these kernels.
 
 Two kinds of gates (column `gates`). `trained`: the small CNN as ccgn learns it, trained
 by `clbench run` on the embedded Split MNIST (`--trained-on`, 1 epoch per task, seed 0,
