@@ -127,10 +127,11 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
     else:
         for width in range(1, spec.width):
             narrow = build_model(replace(spec, width=width)).eval()
-            macs[f"dense_width_{width}"] = dense_macs(narrow, x[:1], t[:1])
-            if macs[f"dense_width_{width}"] > executed:
+            narrow_macs = dense_macs(narrow, x[:1], t[:1])
+            if narrow_macs > executed:
                 break
             runs[f"dense_width_{width}"] = lambda narrow=narrow: narrow(x, t)
+            macs[f"dense_width_{width}"] = narrow_macs
     return runs, macs
 
 
