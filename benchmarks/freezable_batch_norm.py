@@ -1,7 +1,8 @@
 """Training step (forward and backward) of ccgn's batch norm once some channels are frozen:
 clbench's `FreezableBatchNorm2d` (one batch norm with batch statistics, zero weight on the
-frozen channels, plus their evaluation-mode scaling in one multiply-add) against two
-hand-written alternatives: PyTorch's batch norm run twice, with batch and with stored
+frozen channels, plus their evaluation-mode scaling in one multiply-add), with the frozen
+channels' weight and bias learning (`clbench`, HAT's) and without (`constant_frozen`,
+`frozen_channels_learn` off, ccgn's), against two hand-written alternatives: PyTorch's batch norm run twice, with batch and with stored
 statistics, then a selection per channel (`two_batch_norms`, clbench's until session 17);
 and one normalisation that picks the statistics per channel first and applies them in
 one fused multiply-add (`single_pass`). Shapes are those of the ResNet-18 of width 16 at
@@ -63,8 +64,19 @@ def single_pass(norm: FreezableBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift[None, :, None, None], x, scale[None, :, None, None])
 
 
+def clbench_forward(frozen_channels_learn: bool):
+    forward = FreezableBatchNorm2d.forward  # clbench's, not the one a step patches in
+
+    def run(norm: FreezableBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        norm.frozen_channels_learn = frozen_channels_learn
+        return forward(norm, x)
+
+    return run
+
+
 # Each a training forward of a FreezableBatchNorm2d, given the norm and its input.
-VARIANTS = {"clbench": FreezableBatchNorm2d.forward, "two_batch_norms": two_batch_norms, "single_pass": single_pass}
+VARIANTS = {"clbench": clbench_forward(True), "constant_frozen": clbench_forward(False),
+            "two_batch_norms": two_batch_norms, "single_pass": single_pass}
 
 
 def step(forward, x: torch.Tensor, gradient: torch.Tensor):
@@ -117,7 +129,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 gradient = torch.randn_like(x)
                 out, grad = step(norm, x, gradient)
                 differences = {"clbench": dict.fromkeys(DIFFERENCES, 0.0)}
-                for name in ["two_batch_norms", "single_pass"]:
+                for name in ["constant_frozen", "two_batch_norms", "single_pass"]:
                     other_out, other_grad = step(forwards[name], x, gradient)
                     other = norms[name]
                     differences[name] = {
@@ -142,7 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         print(f"{row['scope']:<10} {row['channels']:>3} ch {row['size']:>2}x{row['size']:<2} "
               f"frozen {row['frozen_share']:.2f} "
-              f"{row['variant']:<11}: {row['best_ms']:7.3f} ms best, {row['median_ms']:7.3f} median, "
+              f"{row['variant']:<15}: {row['best_ms']:7.3f} ms best, {row['median_ms']:7.3f} median, "
               f"{row['ratio_to_clbench_best']:.2f}x clbench's")
     print(machine_line(machine))
     write_csv(rows, COLUMNS, args.output)

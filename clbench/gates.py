@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clbench.compact import folded
-from clbench.path_network import PathLayer, PathTrace, positions_mean, raw_tensor
+from clbench.path_network import FreezableBatchNorm2d, PathLayer, PathTrace, positions_mean, raw_tensor
 
 GATE_HIDDEN = 16
 
@@ -45,6 +45,9 @@ class GatedLayer(PathLayer):
         # allowed[t]: kernels task t may open; all of them until task t is learned.
         self.register_buffer("allowed", torch.ones(n_tasks, self.out_units, dtype=torch.bool))
         self.register_buffer("frozen", torch.zeros(self.out_units, dtype=torch.bool))
+        for module in self.kernel_modules():
+            if isinstance(module, FreezableBatchNorm2d):
+                module.frozen_channels_learn = False  # their gradients are zeroed (`mask_frozen_gradients`)
 
     def mask(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
         """Training also records sigmoid(logits), each gate's probability of opening before

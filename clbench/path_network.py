@@ -55,7 +55,14 @@ class FreezableBatchNorm2d(nn.BatchNorm2d):
     scale on the frozen channels: the other channels' outputs and gradients are exactly a
     plain batch norm's, the frozen ones' those of evaluation up to float rounding. Running
     two batch norms and selecting per channel took 1.3-2.3 times as long per batch norm,
-    1.08 times per training step of ccgn's ResNet-18 (`benchmarks/freezable_batch_norm.py`)."""
+    1.08 times per training step of ccgn's ResNet-18 (`benchmarks/freezable_batch_norm.py`).
+
+    `frozen_channels_learn` False: the frozen channels' weight and bias get no gradient
+    (zero), for a strategy that discards it (ccgn freezes them): their evaluation-mode
+    scaling is then a constant, which spares its small operations' backward and a
+    full-size product summed per channel. Every other gradient is the same to the bit."""
+
+    frozen_channels_learn = True  # HAT scales the frozen channels' gradients, not zeroes them
 
     def __init__(self, channels: int):
         super().__init__(channels)
@@ -65,8 +72,9 @@ class FreezableBatchNorm2d(nn.BatchNorm2d):
         if not self.training or not self.frozen.any():
             return super().forward(x)
         frozen = self.frozen.to(x.dtype)
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        shift = self.bias - self.running_mean * scale
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.frozen_channels_learn):
+            scale = self.weight * torch.rsqrt(self.running_var + self.eps)
+            shift = self.bias - self.running_mean * scale
         mean, var = self.running_mean.clone(), self.running_var.clone()
         trained = F.batch_norm(x, mean, var, self.weight * (1 - frozen), torch.lerp(self.bias, shift, frozen), True,
                                self.momentum, self.eps)

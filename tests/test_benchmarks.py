@@ -225,12 +225,13 @@ def test_freezable_batch_norm_benchmark_checks_the_alternatives_compute_the_same
     freezable = benchmark("freezable_batch_norm")
     output = tmp_path / "freezable_batch_norm.csv"
     table = tiny_table(freezable, output)
-    variants = {"clbench", "two_batch_norms", "single_pass"}
+    variants = {"clbench", "constant_frozen", "two_batch_norms", "single_pass"}
     layers, steps = table[table.scope == "batch_norm"], table[table.scope == "ccgn_step"]
-    assert len(layers) == 3 * len(freezable.SHAPES) * len(freezable.FROZEN_SHARES) and set(layers.variant) == variants
-    assert len(steps) == 3 and set(steps.variant) == variants
+    assert len(layers) == 4 * len(freezable.SHAPES) * len(freezable.FROZEN_SHARES) and set(layers.variant) == variants
+    assert len(steps) == 4 and set(steps.variant) == variants
     differences = layers[freezable.DIFFERENCES]
     assert (differences < 1e-4).all().all()
+    assert (differences[layers.variant == "constant_frozen"] == 0).all().all(), "only the frozen parameters' gradients change"
     assert (differences[layers.variant == "two_batch_norms"] > 0).any().any(), "a difference should be measured"
     assert (table[table.variant == "clbench"].ratio_to_clbench_best == 1).all()
 

@@ -158,3 +158,34 @@ def test_freezable_batch_norm_keeps_frozen_channels_as_in_evaluation_and_trains_
     assert torch.equal(norm.running_mean[kept], trained.running_mean[kept])
     assert torch.equal(norm.running_var[kept], trained.running_var[kept])
     assert not torch.allclose(norm.running_mean[kept], before[0][kept])
+
+
+def test_frozen_channels_that_do_not_learn_change_no_other_gradient():
+    """With `frozen_channels_learn` off (ccgn's batch norms), the frozen channels' weight
+    and bias get a zero gradient and everything else is as with it on, to the bit."""
+    torch.manual_seed(0)
+    norms = [FreezableBatchNorm2d(6).train() for _ in range(2)]
+    with torch.no_grad():
+        norms[0].running_var.uniform_(0.5, 2.0)
+        norms[0].weight.uniform_(0.5, 1.5)
+        norms[0].bias.normal_()
+    norms[0].frozen[[1, 4]] = True
+    norms[1].load_state_dict(norms[0].state_dict())
+    norms[1].frozen_channels_learn = False
+    x = torch.randn(8, 6, 5, 5, requires_grad=True)
+    gradient = torch.randn(8, 6, 5, 5)
+
+    def output_and_gradients(norm):
+        out = norm(x)
+        return out, *torch.autograd.grad(out, (x, norm.weight, norm.bias), gradient)
+
+    (out, *grads), (out_off, *grads_off) = map(output_and_gradients, norms)
+    frozen = norms[0].frozen
+    assert torch.equal(out_off, out) and torch.equal(grads_off[0], grads[0])
+    for parameter, parameter_off in zip(grads[1:], grads_off[1:]):
+        assert torch.equal(parameter_off[~frozen], parameter[~frozen])
+        assert not parameter_off[frozen].any() and parameter[frozen].all()
+    assert torch.equal(norms[1].running_mean, norms[0].running_mean)
+    assert all(not norm.frozen_channels_learn for layer in get_strategy("ccgn").from_hparams({}).make_model(
+        ModelSpec("resnet18", 4, (3, 8, 8), "task", [[0, 1]])).path_layers
+        for norm in layer.kernel_modules() if isinstance(norm, FreezableBatchNorm2d))
