@@ -282,3 +282,17 @@ def test_pool_before_relu_benchmark_finds_both_orders_equal_and_sees_a_wrong_one
     monkeypatch.setattr(pool_before_relu, "relu_then_pool", lambda x: F.max_pool2d(x, 2))
     table = pd.DataFrame(pool_before_relu.main(["--tiny", "--threads", "1", "--output", str(output)]))
     assert (table[table.workload == "ccgn_train"].max_output_difference > 0).all()
+
+
+def test_ccgn_step_parts_times_every_variant_on_both_networks_and_trains_what_ccgn_trains(tmp_path):
+    parts = benchmark("ccgn_step_parts")
+    mask = parts.GatedLayer.mask
+    table = tiny_table(parts, tmp_path / "ccgn_step_parts.csv")
+    assert parts.GatedLayer.mask is mask, "the variants' masks must not outlive their steps"
+    assert sorted(zip(table.backbone, table.variant)) == sorted(product(["small_cnn", "resnet18"], parts.VARIANTS))
+    assert (table[table.variant == "ungated"].ratio_to_ungated_best == 1).all() and (table.best_ms > 0).all()
+    model = parts.CCGN.make_model(ModelSpec("small_cnn", 4, (1, 28, 28), "task", [[0, 1], [2, 3]]))
+    trained = set(map(id, parts.trained_parameters(model, 1)))
+    layer = model.path_layers[0]
+    assert {id(layer.layer.weight), id(model.heads[1].weight)} | set(map(id, layer.gates[1].parameters())) <= trained
+    assert not trained & ({id(model.heads[0].weight)} | set(map(id, layer.gates[0].parameters())))

@@ -1,0 +1,129 @@
+"""Where ccgn's training step spends its time beyond its ungated backbone's: one step
+(forward through a task's path, cross-entropy plus the mean gate activation, backward,
+Adam step over what the task trains) of ccgn's network with parts of the gating taken
+out, beside the ungated backbone's step with the same Adam on the same batch (batch 32,
+the embedded Split MNIST's image size), for the small CNN and a narrow ResNet-18:
+- ungated: the dense backbone (`clbench.models.build_model`), what naive_adam trains;
+- open_masks: ccgn's masked layers with every mask 1 and no gating module: the masked
+  layers' own cost (the multiplication by the mask and its bookkeeping);
+- no_noise: the gating modules without the Gumbel noise and its relaxation (the hard
+  gate with the logits' gradient straight through): the gating modules' cost;
+- ccgn: ccgn's step as it trains a first task, no channel frozen;
+- ccgn_frozen: a second task's step after the first froze half of every layer's kernels,
+  its batch norms' frozen channels not learning (ccgn's training);
+- ccgn_frozen_learning: the same with the frozen channels' weight and bias learning (as
+  `FreezableBatchNorm2d` trains them for HAT): what `frozen_channels_learn` off saves.
+The variants alternate for `--rounds` rounds of `--repeats` steps each, after one warm-up
+round; best and median ms per step, and each over the ungated step's best time.
+
+Usage: python benchmarks/ccgn_step_parts.py --threads 1 [--tiny]
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from clbench.benchmarking import (benchmark_parser, best_and_median_ms, interleaved_times, machine_columns,
+                                  machine_line, torch_threads, write_csv)
+from clbench.gates import GatedLayer
+from clbench.models import ModelSpec, build_model
+from clbench.path_network import FreezableBatchNorm2d, TaskPathNet, positions_mean
+from clbench.registry import get_strategy
+
+COLUMNS = ["backbone", "width", "variant", "best_ms", "median_ms", "ratio_to_ungated_best", "batch", "rounds",
+           "repeats", "machine", "cores", "torch_threads", "python", "torch", "avalanche", "clbench_commit"]
+CCGN = get_strategy("ccgn").from_hparams({})
+
+
+def open_masks(layer: GatedLayer, x: torch.Tensor, task: int, trace) -> torch.Tensor:
+    return x.new_ones(len(x), layer.out_units)
+
+
+def noiseless_gates(layer: GatedLayer, x: torch.Tensor, task: int, trace) -> torch.Tensor:
+    logits = layer.gates[task](positions_mean(x))
+    return logits + ((logits > 0).to(logits.dtype) - logits).detach()
+
+
+# Each variant: whether it runs ccgn's network, the task trained, the mask in place of
+# ccgn's (None: ccgn's own) and whether the frozen channels learn.
+VARIANTS = {"ungated": (False, 0, None, False), "open_masks": (True, 0, open_masks, False),
+            "no_noise": (True, 0, noiseless_gates, False), "ccgn": (True, 0, None, False),
+            "ccgn_frozen": (True, 1, None, False), "ccgn_frozen_learning": (True, 1, None, True)}
+
+
+def trained_parameters(model: TaskPathNet, task: int) -> list[torch.Tensor]:
+    """What ccgn's optimiser trains on `task`: all but the other tasks' heads and gating
+    modules (`TaskPathTraining.make_optimizer`)."""
+    others = {id(p) for other in range(len(model.heads)) if other != task for m in model.task_modules(other)
+              for p in m.parameters(recurse=False)}
+    return [p for p in model.parameters() if id(p) not in others]
+
+
+def training_step(variant: str, spec: ModelSpec, x: torch.Tensor, y: torch.Tensor):
+    """One training step of `variant` (a fresh network, seeded alike) as a call."""
+    gated, task, mask, frozen_learn = VARIANTS[variant]
+    torch.manual_seed(0)
+    if not gated:
+        model = build_model(spec).train()
+        optimizer = torch.optim.Adam(model.parameters(), CCGN.hp.lr)
+        tasks = torch.zeros(len(x), dtype=torch.long)
+        loss = lambda: F.cross_entropy(model(x, tasks), y)  # noqa: E731
+    else:
+        model = CCGN.make_model(spec).train()
+        for layer in model.path_layers:
+            if task:
+                layer.freeze(0, torch.rand(layer.out_units) < 0.5)
+            for norm in layer.kernel_modules():
+                if isinstance(norm, FreezableBatchNorm2d):
+                    norm.frozen_channels_learn = frozen_learn
+        optimizer = torch.optim.Adam(trained_parameters(model, task), CCGN.hp.lr)
+        masks = mock.patch.object(GatedLayer, "mask", mask) if mask else nullcontext()
+
+        def loss() -> torch.Tensor:
+            with masks:
+                logits, trace = model.forward_path(x, task)
+            sparsity = torch.stack([gates.mean() for gates in trace.masks]).mean()
+            return F.cross_entropy(logits, y) + CCGN.hp.sparsity * sparsity
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = benchmark_parser(__file__, __doc__, "narrow networks, batch 4, 2 rounds of 1 step", rounds=10, repeats=10)
+    parser.add_argument("--resnet-width", type=int, default=8, help="ResNet-18's first-stage width [%(default)s]")
+    args = parser.parse_args(argv)
+    rounds, repeats, batch = (2, 1, 4) if args.tiny else (args.rounds, args.repeats, 32)
+    widths = {"small_cnn": 4 if args.tiny else 32, "resnet18": 2 if args.tiny else args.resnet_width}
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 2, (batch,))
+    rows = []
+    with torch_threads(args.threads):
+        machine = machine_columns()
+        for backbone, width in widths.items():
+            spec = ModelSpec(backbone, width, (1, 28, 28), "task", [[0, 1], [2, 3]])
+            steps = {name: training_step(name, spec, x, y) for name in VARIANTS}
+            interleaved_times(steps, 1, repeats)  # warm-up
+            times = interleaved_times(steps, rounds, repeats)
+            ungated = min(times["ungated"])
+            rows += [{"backbone": backbone, "width": width, "variant": name, **best_and_median_ms(measured),
+                      "ratio_to_ungated_best": round(min(measured) / ungated, 3), "batch": batch, "rounds": rounds,
+                      "repeats": repeats, **machine} for name, measured in times.items()]
+    for row in rows:
+        print(f"{row['backbone']:<9} {row['width']:>3} {row['variant']:<21}: {row['best_ms']:8.3f} ms best, "
+              f"{row['median_ms']:8.3f} median, {row['ratio_to_ungated_best']:.2f}x the ungated step")
+    print(machine_line(machine))
+    write_csv(rows, COLUMNS, args.output)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
