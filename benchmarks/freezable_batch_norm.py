@@ -2,10 +2,10 @@
 clbench's `FreezableBatchNorm2d` (one batch norm with batch statistics, zero weight on the
 frozen channels, plus their evaluation-mode scaling in one multiply-add), with the frozen
 channels' weight and bias learning (`clbench`, HAT's) and without (`constant_frozen`,
-`frozen_channels_learn` off, ccgn's), against two hand-written alternatives: PyTorch's batch norm run twice, with batch and with stored
-statistics, then a selection per channel (`two_batch_norms`, clbench's until session 17);
-and one normalisation that picks the statistics per channel first and applies them in
-one fused multiply-add (`single_pass`). Shapes are those of the ResNet-18 of width 16 at
+`frozen_channels_learn` off, ccgn's), against two hand-written alternatives: PyTorch's
+batch norm run twice, with batch and with stored statistics, then a selection per channel
+(`two_batch_norms`, clbench's until session 17); and one normalisation that picks the
+statistics per channel first and applies them in one fused multiply-add (`single_pass`). Shapes are those of the ResNet-18 of width 16 at
 batch 32 (channels-last), with a share of the channels frozen. Each is checked to compute
 the same outputs, input gradients and running statistics as clbench's (largest
 differences in the table); `--rounds` rounds alternate them, `--repeats` calls each; best
