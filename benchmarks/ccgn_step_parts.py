@@ -32,6 +32,7 @@ from clbench.benchmarking import (benchmark_parser, best_and_median_ms, interlea
 from clbench.gates import GatedLayer
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import FreezableBatchNorm2d, TaskPathNet, positions_mean
+from clbench.path_training import other_tasks_parameters
 from clbench.registry import get_strategy
 
 COLUMNS = ["backbone", "width", "variant", "best_ms", "median_ms", "ratio_to_ungated_best", "batch", "rounds",
@@ -56,11 +57,9 @@ VARIANTS = {"ungated": (False, 0, None, False), "open_masks": (True, 0, open_mas
 
 
 def trained_parameters(model: TaskPathNet, task: int) -> list[torch.Tensor]:
-    """What ccgn's optimiser trains on `task`: all but the other tasks' heads and gating
-    modules (`TaskPathTraining.make_optimizer`)."""
-    others = {id(p) for other in range(len(model.heads)) if other != task for m in model.task_modules(other)
-              for p in m.parameters(recurse=False)}
-    return [p for p in model.parameters() if id(p) not in others]
+    """What ccgn's optimiser trains on `task` (`TaskPathTraining.make_optimizer`)."""
+    left_out = set(map(id, other_tasks_parameters(model, task)))
+    return [p for p in model.parameters() if id(p) not in left_out]
 
 
 def training_step(variant: str, spec: ModelSpec, x: torch.Tensor, y: torch.Tensor):

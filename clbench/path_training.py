@@ -14,7 +14,7 @@ from pydantic import Field
 from torch.utils.data import DataLoader, TensorDataset
 
 from clbench.loading import eval_batches
-from clbench.path_network import PathTrace
+from clbench.path_network import PathTrace, TaskPathNet
 from clbench.registry import Hyperparameters, build_optimizer
 
 
@@ -57,6 +57,17 @@ def memory_after_last_task(memory_size: int, trained_sizes: list[int]) -> int:
     return sum(min(memory_size // len(trained_sizes), size) for size in trained_sizes)
 
 
+def other_tasks_parameters(model: TaskPathNet, task: int) -> list[torch.Tensor]:
+    """The parameters of the heads and mask modules of `model`'s tasks other than `task`,
+    less those `task`'s path uses too (HAT's embeddings hold every task's): what its
+    optimiser leaves out (`TaskPathTraining.make_optimizer`)."""
+    def own(of: int) -> list[torch.Tensor]:
+        return [p for m in model.task_modules(of) for p in m.parameters(recurse=False)]
+
+    mine = set(map(id, own(task)))
+    return [p for other in range(len(model.heads)) if other != task for p in own(other) if id(p) not in mine]
+
+
 class TaskPathTraining(SupervisedTemplate):
     """Each task trains its own path and head on task-local labels; the optimiser state is
     reset for every task (momentum left over would move protected weights). After a task
@@ -97,23 +108,12 @@ class TaskPathTraining(SupervisedTemplate):
         (ccgn's small CNN on 5 tasks: 80 of its 106 tensors). Their gradients are
         cleared, as zero_grad no longer reaches them."""
         super().make_optimizer(**{**kwargs, "reset_optimizer_state": True})
-        others = self.other_tasks_parameters()
+        others = other_tasks_parameters(self.model, self.task)
         for parameter in others:
             parameter.grad = None
         group, = self.optimizer.param_groups
         left_out = set(map(id, others))
         group["params"] = [parameter for parameter in group["params"] if id(parameter) not in left_out]
-
-    def other_tasks_parameters(self) -> list[torch.Tensor]:
-        """The parameters of the other tasks' heads and mask modules, less those this
-        task's path uses too (HAT's embeddings hold every task's)."""
-        model = self.model
-
-        def own(task: int) -> list[torch.Tensor]:
-            return [p for m in model.task_modules(task) for p in m.parameters(recurse=False)]
-
-        mine = set(map(id, own(self.task)))
-        return [p for task in range(len(model.heads)) if task != self.task for p in own(task) if id(p) not in mine]
 
     def _before_training_exp(self, **kwargs):
         classes = self.model.task_classes[self.task]
