@@ -69,18 +69,23 @@ class FreezableBatchNorm2d(nn.BatchNorm2d):
         self.register_buffer("frozen", torch.zeros(channels, dtype=torch.bool))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or not self.frozen.any():
+        # Compiled (torch.compile), the frozen channels' computation runs even where none is
+        # frozen, which is then a plain batch norm's to the bit: branching on `frozen.any()`
+        # would break the graph at every batch norm.
+        if not self.training or not (torch.compiler.is_compiling() or self.frozen.any()):
             return super().forward(x)
         frozen = self.frozen.to(x.dtype)
+        # Copies, not the statistics themselves: the backward passes of `shift` and of
+        # `F.batch_norm` need them as they are now, and the statistics are updated in place.
+        old_mean, mean, var = self.running_mean.clone(), self.running_mean.clone(), self.running_var.clone()
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.frozen_channels_learn):
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-            shift = self.bias - self.running_mean * scale
-        mean, var = self.running_mean.clone(), self.running_var.clone()
+            shift = self.bias - old_mean * scale
         trained = F.batch_norm(x, mean, var, self.weight * (1 - frozen), torch.lerp(self.bias, shift, frozen), True,
                                self.momentum, self.eps)
-        # New tensors, not in-place writes: `scale` and `shift` need the old ones for their backward pass.
-        self.running_mean = torch.where(self.frozen, self.running_mean, mean)
-        self.running_var = torch.where(self.frozen, self.running_var, var)
+        self.num_batches_tracked.add_(1)
+        self.running_mean.copy_(torch.where(self.frozen, self.running_mean, mean))
+        self.running_var.copy_(torch.where(self.frozen, self.running_var, var))
         return torch.addcmul(trained, x, (scale * frozen)[None, :, None, None])
 
 

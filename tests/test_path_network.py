@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clbench.compact import Registrations
 from clbench.models import BACKBONES, ModelSpec, channels_last
 from clbench.path_network import PATH_BACKBONES, FreezableBatchNorm2d, PathLayer, PathTrace, positions_mean
 from clbench.registry import get_strategy
@@ -158,6 +159,42 @@ def test_freezable_batch_norm_keeps_frozen_channels_as_in_evaluation_and_trains_
     assert torch.equal(norm.running_mean[kept], trained.running_mean[kept])
     assert torch.equal(norm.running_var[kept], trained.running_var[kept])
     assert not torch.allclose(norm.running_mean[kept], before[0][kept])
+
+
+@pytest.mark.parametrize("frozen", [[], [1, 4]], ids=["none_frozen", "some_frozen"])
+@pytest.mark.parametrize("learn", [True, False], ids=["learning", "not_learning"])
+def test_freezable_batch_norm_compiles_to_one_graph_that_matches_eager(frozen, learn):
+    """Under torch.compile (AOT autograd, which checks in-place updates against what the
+    backward pass saved) a training step of the batch norm is one graph, compiled once,
+    with eager's outputs, gradients and statistics: where none is frozen, those of the
+    plain batch norm eager runs. The statistics are updated in place: a buffer assigned
+    anew counts as a registration (`Registrations`, which compact paths watch), on which
+    the compiled graph would be recompiled at every step."""
+    torch.manual_seed(0)
+    norms = [FreezableBatchNorm2d(6).train() for _ in range(2)]
+    with torch.no_grad():
+        norms[0].running_var.uniform_(0.5, 2.0)
+        norms[0].weight.uniform_(0.5, 1.5)
+        norms[0].bias.normal_()
+    norms[0].frozen[frozen] = True
+    norms[1].load_state_dict(norms[0].state_dict())
+    for norm in norms:
+        norm.frozen_channels_learn = learn
+    x, gradient = torch.randn(8, 6, 5, 5, requires_grad=True), torch.randn(8, 6, 5, 5)
+
+    def step(norm, forward):
+        out = forward(x)
+        return out, *torch.autograd.grad(out, (x, norm.weight, norm.bias), gradient)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: norms[1](x), backend="aot_eager", fullgraph=True)
+    registrations = Registrations.count
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        results = [(step(norms[0], norms[0]), step(norms[1], compiled)) for _ in range(2)]
+    assert Registrations.count == registrations
+    for eager, traced in results:
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(eager, traced))
+    assert all(torch.equal(a, b) for a, b in zip(norms[0].state_dict().values(), norms[1].state_dict().values()))
 
 
 def test_frozen_channels_that_do_not_learn_change_no_other_gradient():
