@@ -161,6 +161,26 @@ def test_freezable_batch_norm_keeps_frozen_channels_as_in_evaluation_and_trains_
     assert not torch.allclose(norm.running_mean[kept], before[0][kept])
 
 
+def twin_batch_norms(frozen: list[int]) -> list[FreezableBatchNorm2d]:
+    """Two batch norms in training mode with the same parameters and statistics (not the
+    initial ones), channels `frozen` frozen."""
+    norms = [FreezableBatchNorm2d(6).train() for _ in range(2)]
+    with torch.no_grad():
+        norms[0].running_var.uniform_(0.5, 2.0)
+        norms[0].weight.uniform_(0.5, 1.5)
+        norms[0].bias.normal_()
+    norms[0].frozen[frozen] = True
+    norms[1].load_state_dict(norms[0].state_dict())
+    return norms
+
+
+def output_and_gradients(norm: FreezableBatchNorm2d, x: torch.Tensor, gradient: torch.Tensor, forward=None):
+    """`norm`'s output on `x` (through `forward`, by default `norm` itself) and the
+    gradients of input, weight and bias for the output gradient `gradient`."""
+    out = (forward or norm)(x)
+    return out, *torch.autograd.grad(out, (x, norm.weight, norm.bias), gradient)
+
+
 @pytest.mark.parametrize("frozen", [[], [1, 4]], ids=["none_frozen", "some_frozen"])
 @pytest.mark.parametrize("learn", [True, False], ids=["learning", "not_learning"])
 def test_freezable_batch_norm_compiles_to_one_graph_that_matches_eager(frozen, learn):
@@ -171,26 +191,16 @@ def test_freezable_batch_norm_compiles_to_one_graph_that_matches_eager(frozen, l
     anew counts as a registration (`Registrations`, which compact paths watch), on which
     the compiled graph would be recompiled at every step."""
     torch.manual_seed(0)
-    norms = [FreezableBatchNorm2d(6).train() for _ in range(2)]
-    with torch.no_grad():
-        norms[0].running_var.uniform_(0.5, 2.0)
-        norms[0].weight.uniform_(0.5, 1.5)
-        norms[0].bias.normal_()
-    norms[0].frozen[frozen] = True
-    norms[1].load_state_dict(norms[0].state_dict())
+    norms = twin_batch_norms(frozen)
     for norm in norms:
         norm.frozen_channels_learn = learn
     x, gradient = torch.randn(8, 6, 5, 5, requires_grad=True), torch.randn(8, 6, 5, 5)
-
-    def step(norm, forward):
-        out = forward(x)
-        return out, *torch.autograd.grad(out, (x, norm.weight, norm.bias), gradient)
-
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: norms[1](x), backend="aot_eager", fullgraph=True)
     registrations = Registrations.count
     with torch._dynamo.config.patch(error_on_recompile=True):
-        results = [(step(norms[0], norms[0]), step(norms[1], compiled)) for _ in range(2)]
+        results = [(output_and_gradients(norms[0], x, gradient), output_and_gradients(norms[1], x, gradient, compiled))
+                   for _ in range(2)]
     assert Registrations.count == registrations
     for eager, traced in results:
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(eager, traced))
@@ -201,22 +211,11 @@ def test_frozen_channels_that_do_not_learn_change_no_other_gradient():
     """With `frozen_channels_learn` off (ccgn's batch norms), the frozen channels' weight
     and bias get a zero gradient and everything else is as with it on, to the bit."""
     torch.manual_seed(0)
-    norms = [FreezableBatchNorm2d(6).train() for _ in range(2)]
-    with torch.no_grad():
-        norms[0].running_var.uniform_(0.5, 2.0)
-        norms[0].weight.uniform_(0.5, 1.5)
-        norms[0].bias.normal_()
-    norms[0].frozen[[1, 4]] = True
-    norms[1].load_state_dict(norms[0].state_dict())
+    norms = twin_batch_norms([1, 4])
     norms[1].frozen_channels_learn = False
     x = torch.randn(8, 6, 5, 5, requires_grad=True)
     gradient = torch.randn(8, 6, 5, 5)
-
-    def output_and_gradients(norm):
-        out = norm(x)
-        return out, *torch.autograd.grad(out, (x, norm.weight, norm.bias), gradient)
-
-    (out, *grads), (out_off, *grads_off) = map(output_and_gradients, norms)
+    (out, *grads), (out_off, *grads_off) = (output_and_gradients(norm, x, gradient) for norm in norms)
     frozen = norms[0].frozen
     assert torch.equal(out_off, out) and torch.equal(grads_off[0], grads[0])
     for parameter, parameter_off in zip(grads[1:], grads_off[1:]):
