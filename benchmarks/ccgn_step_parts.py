@@ -19,6 +19,8 @@ round; best and median ms per step, and each over the (eager) ungated step's bes
 With `--compile` every variant also runs compiled by torch.compile (its forward pass and
 loss, and so its backward; the Adam step is one fused kernel already): whether fusing the
 gating modules' small operators brings ccgn's step within 1.3x its ungated backbone's.
+Each compiled step is first checked to give its eager twin's loss (the same Gumbel noise:
+inductor draws it as eager does), or the script stops.
 
 Usage: python benchmarks/ccgn_step_parts.py --threads 1 [--compile] [--tiny]
 """
@@ -67,8 +69,9 @@ def trained_parameters(model: TaskPathNet, task: int) -> list[torch.Tensor]:
 
 
 def training_step(variant: str, spec: ModelSpec, x: torch.Tensor, y: torch.Tensor, compiled: bool):
-    """One training step of `variant` (a fresh network, seeded alike) as a call; with
-    `compiled`, its forward pass and loss compiled by torch.compile (and so its backward)."""
+    """One training step of `variant` (a fresh network, seeded alike) as a call returning
+    its loss; with `compiled`, its forward pass and loss compiled by torch.compile (and so
+    its backward)."""
     gated, task, mask, frozen_learn = VARIANTS[variant]
     torch.manual_seed(0)
     masks = mock.patch.object(GatedLayer, "mask", mask) if mask else nullcontext()
@@ -93,18 +96,37 @@ def training_step(variant: str, spec: ModelSpec, x: torch.Tensor, y: torch.Tenso
             sparsity = torch.stack([gates.mean() for gates in trace.masks]).mean()
             return F.cross_entropy(logits, y) + CCGN.hp.sparsity * sparsity
 
-    loss = torch.compile(loss, fullgraph=True) if compiled else loss
+    if compiled:
+        # torch.compile keeps its graphs by code object, and its guards do not see
+        # `GatedLayer.mask` patched: variants sharing `loss`'s code ran the first one's graph.
+        loss.__code__ = loss.__code__.replace(co_name=f"{variant}_loss")
+        loss = torch.compile(loss, fullgraph=True)
     gated_layers = model.path_layers if gated else []
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         optimizer.zero_grad()
         with masks:
-            loss().backward()
+            value = loss()
+            value.backward()
         for layer in gated_layers:  # ccgn's `optimizer_step`
             layer.mask_frozen_gradients()
         optimizer.step()
+        return value.detach()
 
     return step
+
+
+def check_compiled_losses(steps: dict, backbone: str) -> None:
+    """Each compiled variant's first step gives the loss of its eager twin's first step,
+    both drawing the same noise, within float tolerance."""
+    for name in VARIANTS:
+        losses = []
+        for compiled in (False, True):
+            torch.manual_seed(1)
+            losses.append(steps[name, compiled]())
+        if not torch.allclose(*losses, rtol=1e-4, atol=1e-5):
+            raise SystemExit(f"{backbone} {name}: the compiled step's loss {losses[1]:.6f} is not the eager "
+                             f"step's {losses[0]:.6f}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -119,13 +141,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.manual_seed(0)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 2, (batch,))
     rows = []
-    with torch_threads(args.threads), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+    with torch_threads(args.threads), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), \
+            torch._inductor.config.patch(fallback_random=True):
         machine = machine_columns()
         for backbone in args.backbones:
             torch._dynamo.reset()  # the variants' `loss` is one function: at most `recompile_limit` compilations
             spec = ModelSpec(backbone, widths[backbone], (1, 28, 28), "task", [[0, 1], [2, 3]])
             steps = {(name, compiled): training_step(name, spec, x, y, compiled)
                      for compiled in ((False, True) if args.compile else (False,)) for name in VARIANTS}
+            if args.compile:
+                check_compiled_losses(steps, backbone)
             interleaved_times(steps, 1, repeats)  # warm-up, and compiling
             times = interleaved_times(steps, rounds, repeats)
             ungated = min(times["ungated", False])

@@ -286,8 +286,10 @@ def test_pool_before_relu_benchmark_finds_both_orders_equal_and_sees_a_wrong_one
 
 def test_ccgn_step_parts_times_every_variant_on_both_networks_and_trains_what_ccgn_trains(tmp_path, monkeypatch):
     """Compiled too, each variant's step as one graph (`fullgraph`: a graph break, such as a
-    batch norm branching on its frozen channels, fails it); AOT autograd without inductor's
-    code generation, for the test's time."""
+    batch norm branching on its frozen channels, fails it) of its own, giving its eager
+    twin's loss (the script checks; with one code object for every variant's loss, the
+    variants ran the first one's graph); AOT autograd without inductor's code generation,
+    for the test's time."""
     parts = benchmark("ccgn_step_parts")
     mask = parts.GatedLayer.mask
     monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
