@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch._inductor.config.patch(fallback_random=True):
         machine = machine_columns()
         for backbone in args.backbones:
-            torch._dynamo.reset()  # the variants' `loss` is one function: at most `recompile_limit` compilations
             spec = ModelSpec(backbone, widths[backbone], (1, 28, 28), "task", [[0, 1], [2, 3]])
             steps = {(name, compiled): training_step(name, spec, x, y, compiled)
                      for compiled in ((False, True) if args.compile else (False,)) for name in VARIANTS}
