@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                      for compiled in ((False, True) if args.compile else (False,)) for name in VARIANTS}
             if args.compile:
                 check_compiled_losses(steps, backbone)
-            interleaved_times(steps, 1, repeats)  # warm-up, and compiling
+            interleaved_times(steps, 1, repeats)  # warm-up (the check above compiled)
             times = interleaved_times(steps, rounds, repeats)
             ungated = min(times["ungated", False])
             rows += [{"backbone": backbone, "width": widths[backbone], "variant": name, "compiled": compiled,
