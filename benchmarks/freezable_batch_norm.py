@@ -9,10 +9,11 @@ statistics per channel first and applies them in one fused multiply-add (`single
 Shapes are those of the ResNet-18 of width 16 at batch 32 (channels-last), with a share
 of the channels frozen. Each is checked to compute the same outputs, input gradients and
 running statistics as clbench's (largest differences in the table); `--rounds` rounds
-alternate them, `--repeats` calls each; best and median per call. Then (`scope` "ccgn_step") each variant in place of clbench's inside
-a whole training step of ccgn's ResNet-18 of width 16 (forward through task 1's path,
-cross-entropy, backward, Adam step, batch 32) after task 0 froze half of every layer's
-kernels, so that every batch norm has frozen channels.
+alternate them, `--repeats` calls each; best and median per call. Then (`scope`
+"ccgn_step") each variant in place of clbench's inside a whole training step of ccgn's
+ResNet-18 of width 16 (forward through task 1's path, cross-entropy, backward, Adam
+step, batch 32) after task 0 froze half of every layer's kernels, so that every batch
+norm has frozen channels.
 
 Usage: python benchmarks/freezable_batch_norm.py [--threads 1] [--tiny]
 """
