@@ -137,7 +137,8 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
 
 def fastest_and_widest_narrow(times: dict[str, list[float]]) -> dict[str, list[float]]:
     """`times` with only the fastest (best time) and the widest of the narrowed dense backbones."""
-    narrow = sorted((name for name in times if name.startswith("dense_width_")), key=lambda name: int(name[12:]))
+    narrow = sorted((name for name in times if name.startswith("dense_width_")),
+                    key=lambda name: int(name.removeprefix("dense_width_")))
     dropped = set(narrow[:-1]) - {min(narrow, key=lambda name: min(times[name]), default=None)}
     return {name: measured for name, measured in times.items() if name not in dropped}
 
