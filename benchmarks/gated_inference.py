@@ -68,6 +68,7 @@ COLUMNS = ["backbone", "width", "gates", "trained_on", "setting", "batch", "exec
            "gate_patterns", "batch_open_channels",
            "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
+NARROWED = "dense_width_"  # + the width: the narrowed dense backbones' execution names
 
 
 def compact_layers(model: TaskPathNet) -> list:
@@ -130,15 +131,15 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
             narrow_macs = dense_macs(narrow, x[:1], t[:1])
             if narrow_macs > executed:
                 break
-            runs[f"dense_width_{width}"] = lambda narrow=narrow: narrow(x, t)
-            macs[f"dense_width_{width}"] = narrow_macs
+            runs[f"{NARROWED}{width}"] = lambda narrow=narrow: narrow(x, t)
+            macs[f"{NARROWED}{width}"] = narrow_macs
     return runs, macs
 
 
 def fastest_and_widest_narrow(times: dict[str, list[float]]) -> dict[str, list[float]]:
     """`times` with only the fastest (best time) and the widest of the narrowed dense backbones."""
-    narrow = sorted((name for name in times if name.startswith("dense_width_")),
-                    key=lambda name: int(name.removeprefix("dense_width_")))
+    narrow = sorted((name for name in times if name.startswith(NARROWED)),
+                    key=lambda name: int(name.removeprefix(NARROWED)))
     dropped = set(narrow[:-1]) - {min(narrow, key=lambda name: min(times[name]), default=None)}
     return {name: measured for name, measured in times.items() if name not in dropped}
 
