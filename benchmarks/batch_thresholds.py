@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        networks = gated_networks(args.tiny, args.trained_on, args.runs, max(args.batches))
+        networks = gated_networks(args, max(args.batches))
         for backbone, width, gates, trained_on, setting, spec, model, images in networks:
             dense = build_model(spec).eval()
             with torch.no_grad():

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from clbench.benchmarking import (benchmark_parser, best_and_median_ms, interleaved_times, machine_columns,
-                                  machine_line, torch_threads, write_csv)
+                                  machine_line, positive_width, torch_threads, write_csv)
 from clbench.gates import GatedLayer
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import FreezableBatchNorm2d, TaskPathNet, positions_mean
@@ -131,7 +131,7 @@ def check_compiled_losses(steps: dict, backbone: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = benchmark_parser(__file__, __doc__, "narrow networks, batch 4, 2 rounds of 1 step", rounds=10, repeats=10)
-    parser.add_argument("--resnet-width", type=int, default=8, help="ResNet-18's first-stage width [%(default)s]")
+    parser.add_argument("--resnet-width", type=positive_width, default=8, help="ResNet-18's first-stage width [%(default)s]")
     parser.add_argument("--backbones", nargs="+", choices=["small_cnn", "resnet18"], default=["small_cnn", "resnet18"])
     parser.add_argument("--compile", action="store_true",
                         help="also time every variant compiled by torch.compile (minutes of compiling first)")

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        networks = gated_networks(args.tiny, args.trained_on, args.runs)
+        networks = gated_networks(args)
         for backbone, width, gates, trained_on, setting, _, here, images in networks:
             against = copy.deepcopy(here)
 

@@ -4,10 +4,10 @@ compact paths of `clbench.compact` computing one set of channels for the whole b
 the kernels a task may open, padded with closed ones to a multiple of `CHANNEL_MULTIPLE`:
 `compact`; without the padding: `compact_unpadded`); and the compact paths computing each
 sample's open channels only (`per_sample`; clbench's default at test from a batch of 2,
-timed here at a batch of 1 too). Task setting (a
-batch of one task, through its path) and class setting (every learned task's path and the
-task classifier), batch 1 and 64, small CNN (Split MNIST's input) and a reduced-width
-ResNet-18 (CIFAR's input). In the class setting also every learned task's compact path run
+timed here at a batch of 1 too). Task setting (a batch of one task, through its path) and
+class setting (every learned task's path and the task classifier), batch 1 and 64, small
+CNN (Split MNIST's input) and ResNet-18 (CIFAR's input) of reduced width (16; the papers'
+with `--resnet-width 64`). In the class setting also every learned task's compact path run
 as one on the batch repeated once per task (`stacked`; clbench's default there up to
 `TaskPathNet.stacked_paths_max_batch`, timed here at a batch of 64 too), and the dense backbone run
 once per learned task (`dense_every_path`), what running every path densely would cost.
@@ -43,7 +43,8 @@ With `--profile EXECUTION`, instead of timing: `--repeats` passes of that execut
 each network and batch under PyTorch's profiler, and their costliest operators by self
 CPU time, with their input shapes (no CSV): where a pass's time goes.
 
-Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on SCENARIO | --runs RUN_DIR ...]
+Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on SCENARIO] [--resnet-width 16]
+       python benchmarks/gated_inference.py [--threads 1] --runs RUN_DIR ...
        python benchmarks/gated_inference.py --threads 1 --runs RUN_DIR --profile per_sample
 """
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        networks = gated_networks(args.tiny, args.trained_on, args.runs)
+        networks = gated_networks(args)
         for backbone, width, gates, trained_on, setting, spec, gated, images in networks:
             for batch in (1, 64):
                 x, t = images[:batch], torch.zeros(batch, dtype=torch.long)

@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        for backbone, width, gates, trained_on, setting, _, model, _ in gated_networks(args.tiny, args.trained_on,
-                                                                                        args.runs, images=1):
+        for backbone, width, gates, trained_on, setting, _, model, _ in gated_networks(args, images=1):
             learned = tuple(range(model.tasks_learned))
             builds = {"each_task": lambda: [CompactPath(model, (task,)) for task in learned]}
             if setting == "class":

@@ -253,30 +253,43 @@ def benchmark_parser(script: str, doc: str, tiny: str, rounds: int | None = None
 
 
 def add_network_options(parser: argparse.ArgumentParser) -> None:
-    """The options of the benchmarks that time `gated_networks`: `--trained-on`, `--runs`."""
+    """The options of the benchmarks that time `gated_networks`: `--trained-on`,
+    `--resnet-width`, `--runs`."""
     parser.add_argument("--trained-on", default="split_mnist_mini",
                         help="scenario on which ccgn's small CNN is trained [%(default)s]")
+    parser.add_argument("--resnet-width", type=positive_width,
+                        help=f"width of the ResNet-18 with random gates [{GATED_BACKBONES['resnet18'][0]}, "
+                             f"{TINY_WIDTH} with --tiny; the papers' is 64]")
     parser.add_argument("--runs", type=Path, nargs="+", default=[], metavar="RUN_DIR",
                         help="time the networks of these finished runs (kept with --keep-checkpoints) instead")
 
 
-def gated_networks(tiny: bool, trained_on: str, runs: Sequence[Path] = (),
-                   images: int = BENCHMARK_IMAGES) -> Iterator[GatedNetwork]:
-    """The gated networks the inference benchmarks time, each with `images` inputs: ccgn's
-    small CNN of width 32 trained on `trained_on` (1 epoch per task) and with random gates
-    (`random_gated_model`), and ResNet-18 of width 16 with random gates (width 4 each
-    where `tiny`), in the task and class settings; or instead, where `runs` are given,
-    the networks those finished runs trained (`trained_network`)."""
-    for run_dir in runs:
+def positive_width(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a width: give a whole number of at least 1")
+    return int(text)
+
+
+def gated_networks(options: argparse.Namespace, images: int = BENCHMARK_IMAGES) -> Iterator[GatedNetwork]:
+    """The gated networks the inference benchmarks time, as `add_network_options` and
+    `--tiny` name them, each with `images` inputs: ccgn's small CNN of width 32 trained on
+    `--trained-on` (1 epoch per task) and with random gates (`random_gated_model`), and
+    ResNet-18 of `--resnet-width` with random gates (width 4 each where `--tiny`), in the
+    task and class settings; or instead, with `--runs`, the networks those finished runs
+    trained (`trained_network`)."""
+    for run_dir in options.runs:
         cfg, spec, model, inputs = trained_network(run_dir, images)
         yield GatedNetwork(cfg.backbone, cfg.width, "trained", f"{cfg.scenario}, epochs {cfg.epochs}", cfg.setting,
                            spec, model, inputs)
-    if runs:
+    if options.runs:
         return
+    widths = {backbone: TINY_WIDTH if options.tiny else width for backbone, (width, _) in GATED_BACKBONES.items()}
+    if options.resnet_width is not None:
+        widths["resnet18"] = options.resnet_width
     for backbone, gates, setting in product(GATED_BACKBONES, ("trained", "random"), ("task", "class")):
         if gates == "trained" and backbone != "small_cnn":
             continue
-        width = TINY_WIDTH if tiny else GATED_BACKBONES[backbone][0]
-        trained = f"{trained_on}, epochs {RunConfig().epochs}" if gates == "trained" else ""
-        yield GatedNetwork(backbone, width, gates, trained, setting,
-                           *gated_network(backbone, width, gates, setting, trained_on, images=images))
+        trained = f"{options.trained_on}, epochs {RunConfig().epochs}" if gates == "trained" else ""
+        yield GatedNetwork(backbone, widths[backbone], gates, trained, setting,
+                           *gated_network(backbone, widths[backbone], gates, setting, options.trained_on,
+                                          images=images))

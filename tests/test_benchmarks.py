@@ -304,3 +304,12 @@ def test_ccgn_step_parts_times_every_variant_on_both_networks_and_trains_what_cc
     layer = model.path_layers[0]
     assert {id(layer.layer.weight), id(model.heads[1].weight)} | set(map(id, layer.gates[1].parameters())) <= trained
     assert not trained & ({id(model.heads[0].weight)} | set(map(id, layer.gates[0].parameters())))
+
+
+@pytest.mark.parametrize("script", ["path_build", "train_overhead", "ccgn_step_parts"])
+@pytest.mark.parametrize("width", ["0", "1.5"])
+def test_a_resnet_width_that_is_not_a_whole_number_of_at_least_1_is_refused_in_one_line(script, width, tmp_path,
+                                                                                          capsys):
+    with pytest.raises(SystemExit):
+        benchmark(script).main(["--tiny", "--resnet-width", width, "--output", str(tmp_path / "table.csv")])
+    assert f"'{width}' is not a width: give a whole number of at least 1" in capsys.readouterr().err

@@ -555,9 +555,11 @@ def test_gated_inference_keeps_the_fastest_and_the_widest_narrowed_dense_backbon
 def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, capsys):
     benchmark = load_script("benchmarks", "gated_inference")
     output = tmp_path / "gated_inference.csv"
-    benchmark.main(["--tiny", "--threads", "1", "--output", str(output), "--trained-on", tiny_scenario])
+    benchmark.main(["--tiny", "--threads", "1", "--output", str(output), "--trained-on", tiny_scenario,
+                    "--resnet-width", "5"])
     table = pd.read_csv(output)
     assert list(table.columns) == benchmark.COLUMNS
+    assert table.groupby("backbone").width.agg(set).to_dict() == {"resnet18": {5}, "small_cnn": {4}}
     executions = {"dense", "masked", "compact", "compact_unpadded", "per_sample"}
     assert set(table.query("setting == 'task'").execution) - executions <= {f"dense_width_{n}" for n in range(1, 4)}
     assert executions < set(table.query("setting == 'task'").execution)
