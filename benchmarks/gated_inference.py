@@ -25,7 +25,7 @@ in each setting), timed on that scenario's test images of the first task; or ins
 --keep-checkpoints`: a ResNet-18 trained on a GPU, say), timed on their scenario's test
 images of the first task (column `trained_on`: scenario and epochs per task). `random`: no
 training, so ResNet-18 fits on a CPU: 5 tasks learned by hand, each allowed a random 25%
-of every layer's kernels, with untrained gating modules that open about half of those
+(`--allowed`, column `allowed`) of every layer's kernels, with untrained gating modules that open about half of those
 per sample (their batch norms, like the backbone's, hold the statistics of random
 inputs), timed on random inputs. The executions alternate (dense, masked, compact, ...)
 for `--rounds` rounds of `--repeats` batches each; the best and the median time per
@@ -44,6 +44,7 @@ each network and batch under PyTorch's profiler, and their costliest operators b
 CPU time, with their input shapes (no CSV): where a pass's time goes.
 
 Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on SCENARIO] [--resnet-width 16]
+                                           [--allowed 0.25]
        python benchmarks/gated_inference.py [--threads 1] --runs RUN_DIR ...
        python benchmarks/gated_inference.py --threads 1 --runs RUN_DIR --profile per_sample
 """
@@ -58,13 +59,14 @@ from unittest import mock
 import torch
 
 from clbench import compact
-from clbench.benchmarking import (add_network_options, benchmark_parser, best_and_median_ms, gated_networks,
-                                  interleaved_times, machine_columns, machine_line, torch_threads, write_csv)
+from clbench.benchmarking import (RANDOM_GATED_ALLOWED, add_network_options, benchmark_parser, best_and_median_ms,
+                                  gated_networks, interleaved_times, machine_columns, machine_line, share,
+                                  torch_threads, write_csv)
 from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
 from clbench.runner import dense_macs
 
-COLUMNS = ["backbone", "width", "gates", "trained_on", "setting", "batch", "execution", "best_ms", "median_ms",
+COLUMNS = ["backbone", "width", "gates", "trained_on", "allowed", "setting", "batch", "execution", "best_ms", "median_ms",
            "macs_per_sample", "speedup_measured", "speedup_macs", "kept_macs_per_sample", "speedup_kept_macs",
            "gate_patterns", "batch_open_channels",
            "rounds", "repeats", "machine", "cores", "torch_threads", "python",
@@ -151,13 +153,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--profile", choices=["dense", "masked", "compact", "compact_unpadded", "per_sample", "stacked",
                                               "dense_every_path"],
                         help="profile this execution instead of timing every one (no CSV)")
+    parser.add_argument("--allowed", type=share, default=RANDOM_GATED_ALLOWED,
+                        help="share of every layer's kernels each task of the random-gate networks keeps [%(default)s]")
     add_network_options(parser)
     args = parser.parse_args(argv)
     rounds, repeats = (2, 1) if args.tiny else (args.rounds, args.repeats)
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        networks = gated_networks(args)
+        networks = gated_networks(args, allowed=args.allowed)
         for backbone, width, gates, trained_on, setting, spec, gated, images in networks:
             for batch in (1, 64):
                 x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
@@ -174,6 +178,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     times = fastest_and_widest_narrow(interleaved_times(runs, rounds, repeats))
                 for name, measured in times.items():
                     rows.append({"backbone": backbone, "width": width, "gates": gates, "trained_on": trained_on,
+                                 "allowed": args.allowed if gates == "random" else "",
                                  "setting": setting, "batch": batch, "execution": name, **best_and_median_ms(measured),
                                  "macs_per_sample": round(macs[name]),
                                  "speedup_measured": round(min(times["dense"]) / min(measured), 2),

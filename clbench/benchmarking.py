@@ -264,19 +264,30 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
                         help="time the networks of these finished runs (kept with --keep-checkpoints) instead")
 
 
+def share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share: give a number above 0 and at most 1")
+    return value
+
+
 def positive_width(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a width: give a whole number of at least 1")
     return int(text)
 
 
-def gated_networks(options: argparse.Namespace, images: int = BENCHMARK_IMAGES) -> Iterator[GatedNetwork]:
+def gated_networks(options: argparse.Namespace, images: int = BENCHMARK_IMAGES,
+                   allowed: float = RANDOM_GATED_ALLOWED) -> Iterator[GatedNetwork]:
     """The gated networks the inference benchmarks time, as `add_network_options` and
     `--tiny` name them, each with `images` inputs: ccgn's small CNN of width 32 trained on
-    `--trained-on` (1 epoch per task) and with random gates (`random_gated_model`), and
-    ResNet-18 of `--resnet-width` with random gates (width 4 each where `--tiny`), in the
-    task and class settings; or instead, with `--runs`, the networks those finished runs
-    trained (`trained_network`)."""
+    `--trained-on` (1 epoch per task) and with random gates (`random_gated_model`, each
+    task `allowed` that share of every layer's kernels), and ResNet-18 of `--resnet-width`
+    with random gates (width 4 each where `--tiny`), in the task and class settings; or
+    instead, with `--runs`, the networks those finished runs trained (`trained_network`)."""
     for run_dir in options.runs:
         cfg, spec, model, inputs = trained_network(run_dir, images)
         yield GatedNetwork(cfg.backbone, cfg.width, "trained", f"{cfg.scenario}, epochs {cfg.epochs}", cfg.setting,
@@ -291,5 +302,5 @@ def gated_networks(options: argparse.Namespace, images: int = BENCHMARK_IMAGES) 
             continue
         trained = f"{options.trained_on}, epochs {RunConfig().epochs}" if gates == "trained" else ""
         yield GatedNetwork(backbone, widths[backbone], gates, trained, setting,
-                           *gated_network(backbone, widths[backbone], gates, setting, options.trained_on,
-                                          images=images))
+                           *gated_network(backbone, widths[backbone], gates, setting, options.trained_on, allowed,
+                                          images))

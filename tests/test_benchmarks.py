@@ -313,3 +313,10 @@ def test_a_resnet_width_that_is_not_a_whole_number_of_at_least_1_is_refused_in_o
     with pytest.raises(SystemExit):
         benchmark(script).main(["--tiny", "--resnet-width", width, "--output", str(tmp_path / "table.csv")])
     assert f"'{width}' is not a width: give a whole number of at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("allowed", ["0", "1.5", "half"])
+def test_an_allowed_share_outside_0_to_1_is_refused_in_one_line(allowed, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        benchmark("gated_inference").main(["--tiny", "--allowed", allowed, "--output", str(tmp_path / "table.csv")])
+    assert f"'{allowed}' is not a share: give a number above 0 and at most 1" in capsys.readouterr().err
