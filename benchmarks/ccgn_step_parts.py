@@ -131,7 +131,8 @@ def check_compiled_losses(steps: dict, backbone: str) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = benchmark_parser(__file__, __doc__, "narrow networks, batch 4, 2 rounds of 1 step", rounds=10, repeats=10)
-    parser.add_argument("--resnet-width", type=positive_width, default=8, help="ResNet-18's first-stage width [%(default)s]")
+    parser.add_argument("--resnet-width", type=positive_width, default=8,
+                        help="ResNet-18's first-stage width [%(default)s]")
     parser.add_argument("--backbones", nargs="+", choices=["small_cnn", "resnet18"], default=["small_cnn", "resnet18"])
     parser.add_argument("--compile", action="store_true",
                         help="also time every variant compiled by torch.compile (minutes of compiling first)")

@@ -25,9 +25,9 @@ in each setting), timed on that scenario's test images of the first task; or ins
 --keep-checkpoints`: a ResNet-18 trained on a GPU, say), timed on their scenario's test
 images of the first task (column `trained_on`: scenario and epochs per task). `random`: no
 training, so ResNet-18 fits on a CPU: 5 tasks learned by hand, each allowed a random 25%
-(`--allowed`, column `allowed`) of every layer's kernels, with untrained gating modules that open about half of those
-per sample (their batch norms, like the backbone's, hold the statistics of random
-inputs), timed on random inputs. The executions alternate (dense, masked, compact, ...)
+(`--allowed`, column `allowed`) of every layer's kernels, with untrained gating modules
+that open about half of those per sample (their batch norms, like the backbone's, hold
+the statistics of random inputs), timed on random inputs. The executions alternate (dense, masked, compact, ...)
 for `--rounds` rounds of `--repeats` batches each; the best and the median time per
 batch are reported, and the speed-up over the dense backbone measured (best times)
 beside two that MAC counts promise: by the MACs clbench counts per sample (the channels
@@ -66,9 +66,9 @@ from clbench.models import ModelSpec, build_model
 from clbench.path_network import TaskPathNet
 from clbench.runner import dense_macs
 
-COLUMNS = ["backbone", "width", "gates", "trained_on", "allowed", "setting", "batch", "execution", "best_ms", "median_ms",
-           "macs_per_sample", "speedup_measured", "speedup_macs", "kept_macs_per_sample", "speedup_kept_macs",
-           "gate_patterns", "batch_open_channels",
+COLUMNS = ["backbone", "width", "gates", "trained_on", "allowed", "setting", "batch", "execution", "best_ms",
+           "median_ms", "macs_per_sample", "speedup_measured", "speedup_macs", "kept_macs_per_sample",
+           "speedup_kept_macs", "gate_patterns", "batch_open_channels",
            "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
 NARROWED = "dense_width_"  # + the width: the narrowed dense backbones' execution names

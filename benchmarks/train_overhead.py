@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = benchmark_parser(__file__, __doc__, "narrow networks, 32 images per digit, 2 rounds", rounds=5)
     parser.add_argument("--tasks", type=int, default=2, help="tasks trained per round [%(default)s]")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--resnet-width", type=positive_width, default=8, help="ResNet-18's first-stage width [%(default)s]")
+    parser.add_argument("--resnet-width", type=positive_width, default=8,
+                        help="ResNet-18's first-stage width [%(default)s]")
     names = ["bare", "bare_nchw", "avalanche_naive", *CLBENCH_VARIANTS]
     parser.add_argument("--profile", choices=names, help="profile this variant instead of timing every one (no CSV)")
     parser.add_argument("--backbones", nargs="+", choices=["small_cnn", "resnet18"], default=["small_cnn", "resnet18"])

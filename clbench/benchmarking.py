@@ -265,6 +265,7 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
 
 
 def share(text: str) -> float:
+    """An option's share of something, above 0 and at most 1 (argparse's `type`)."""
     try:
         value = float(text)
     except ValueError:
@@ -275,6 +276,7 @@ def share(text: str) -> float:
 
 
 def positive_width(text: str) -> int:
+    """An option's network width, a whole number of at least 1 (argparse's `type`)."""
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a width: give a whole number of at least 1")
     return int(text)

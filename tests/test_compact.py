@@ -565,7 +565,7 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
     # Every kernel allowed: a task keeps every channel, as many MACs as the dense ResNet-18.
     assert (table.query("backbone == 'resnet18' and setting == 'task'").speedup_kept_macs == 1).all()
     executions = {"dense", "masked", "compact", "compact_unpadded", "per_sample"}
-    assert set(table.query("setting == 'task'").execution) - executions <= {f"dense_width_{n}" for n in range(1, 4)}
+    assert set(table.query("setting == 'task'").execution) - executions <= {f"dense_width_{n}" for n in range(1, 5)}
     assert executions < set(table.query("setting == 'task'").execution)
     # The random-gate small CNN's task path runs more MACs than its width 1 on one image:
     # two narrowed dense backbones per network and batch at most, of no more MACs than
