@@ -267,19 +267,18 @@ def add_network_options(parser: argparse.ArgumentParser) -> None:
 def share(text: str) -> float:
     """An option's share of something, above 0 and at most 1 (argparse's `type`)."""
     try:
-        value = float(text)
+        if 0 < (value := float(text)) <= 1:
+            return value
     except ValueError:
-        value = 0.0
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a share: give a number above 0 and at most 1")
-    return value
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r} is not a share: give a number above 0 and at most 1")
 
 
 def positive_width(text: str) -> int:
     """An option's network width, a whole number of at least 1 (argparse's `type`)."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a width: give a whole number of at least 1")
-    return int(text)
+    if text.isdecimal() and int(text) >= 1:  # isdigit would pass "²", which int() refuses
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a width: give a whole number of at least 1")
 
 
 def gated_networks(options: argparse.Namespace, images: int = BENCHMARK_IMAGES,

@@ -307,7 +307,7 @@ def test_ccgn_step_parts_times_every_variant_on_both_networks_and_trains_what_cc
 
 
 @pytest.mark.parametrize("script", ["path_build", "train_overhead", "ccgn_step_parts"])
-@pytest.mark.parametrize("width", ["0", "1.5"])
+@pytest.mark.parametrize("width", ["0", "1.5", "²"])
 def test_a_resnet_width_that_is_not_a_whole_number_of_at_least_1_is_refused_in_one_line(script, width, tmp_path,
                                                                                           capsys):
     with pytest.raises(SystemExit):
