@@ -567,12 +567,13 @@ def test_gated_inference_benchmark_writes_its_table(tiny_scenario, tmp_path, cap
     executions = {"dense", "masked", "compact", "compact_unpadded", "per_sample"}
     assert set(table.query("setting == 'task'").execution) - executions <= {f"dense_width_{n}" for n in range(1, 4)}
     assert executions < set(table.query("setting == 'task'").execution)
-    # The random-gate small CNN's task path runs more MACs than its width 1 on one image:
-    # two narrowed dense backbones per network and batch at most, of no more MACs than
-    # the gated executions; none in the class setting.
+    # The random-gate small CNN's task path runs more MACs than its width 1 on one image,
+    # and so does the ResNet-18 whose tasks keep every kernel: two narrowed dense
+    # backbones per network and batch at most, of no more MACs than the gated
+    # executions, on both backbones; none in the class setting.
     narrowed = table[table.execution.str.startswith("dense_width_")]
     assert narrowed.groupby(["backbone", "gates", "batch"]).size().max() <= 2
-    assert set(narrowed.setting) == {"task"}
+    assert set(narrowed.backbone) == {"small_cnn", "resnet18"} and set(narrowed.setting) == {"task"}
     assert 1 in set(narrowed.query("gates == 'random'").batch)
     gated = table.query("execution == 'per_sample'").set_index(["backbone", "gates", "setting", "batch"])
     assert all(row.macs_per_sample <= gated.macs_per_sample[row.backbone, row.gates, "task", row.batch]
