@@ -1,8 +1,8 @@
 """How ccgn's compact paths should run a batch of each size: the batch sizes from which
 they compute each sample's open channels (the backbone's `per_sample_from_batch`) and up to
 which the class setting runs every learned task's path as one (`TaskPathNet.stacked_path`:
-`stacked_paths_max_batch`, and a larger batch where the paths share most of their
-channels, column `union_ratio`). The networks of benchmarks/gated_inference.py
+`stacked_layer_macs`, beside the MACs per sample the paths run as one compute beyond
+running each alone, column `extra_macs`). The networks of benchmarks/gated_inference.py
 (`clbench.benchmarking.gated_networks`: ccgn's small CNN trained on the embedded Split MNIST
 and with random gates, ResNet-18 of width 16 with random gates; or instead, with `--runs`,
 the networks of finished runs whose checkpoints were kept), both settings, at each of
@@ -22,6 +22,8 @@ Usage: python benchmarks/batch_thresholds.py [--threads 1] [--tiny] [--runs RUN_
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from clbench.benchmarking import (add_network_options, benchmark_parser, best_and_median_ms, gated_networks,
@@ -30,9 +32,10 @@ from clbench.models import build_model
 from clbench.path_network import TaskPathNet
 
 COLUMNS = ["backbone", "width", "gates", "trained_on", "setting", "batch", "execution", "best_ms", "median_ms",
-           "speedup_over_dense", "union_ratio", "rounds", "repeats", "machine", "cores", "torch_threads", "python",
+           "speedup_over_dense", "extra_macs", "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
-DEFAULTS = {name: getattr(TaskPathNet, name) for name in ("per_sample_channels", "stacked_paths_max_batch")}
+DEFAULTS = {name: getattr(TaskPathNet, name)
+            for name in ("per_sample_channels", "stacked_paths_max_batch", "stacked_layer_macs")}
 
 
 def executions(model, dense, setting: str, x: torch.Tensor, t: torch.Tensor) -> dict:
@@ -50,7 +53,7 @@ def executions(model, dense, setting: str, x: torch.Tensor, t: torch.Tensor) -> 
             "clbench": gated(type(model.backbone).per_sample_from_batch)}
     if setting == "task":
         return {**runs, "dense": lambda: dense(x, t)}
-    return {**runs, "stacked": gated(None, stacked_paths_max_batch=len(x)),
+    return {**runs, "stacked": gated(None, stacked_paths_max_batch=len(x), stacked_layer_macs=math.inf),
             "dense_every_path": lambda: [dense(x) for _ in range(model.tasks_learned)]}
 
 
@@ -68,8 +71,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for backbone, width, gates, trained_on, setting, spec, model, images in networks:
             dense = build_model(spec).eval()
             with torch.no_grad():
-                union_ratio = "" if setting == "task" else \
-                    round(model.compact_paths([tuple(range(model.tasks_learned))])[0].union_ratio, 2)
+                extra_macs = "" if setting == "task" else \
+                    model.compact_paths([tuple(range(model.tasks_learned))])[0].extra_macs
                 for batch in args.batches:
                     x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
                     runs = executions(model, dense, setting, x, t)
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      "setting": setting, "batch": batch, "execution": name,
                                      **best_and_median_ms(measured),
                                      "speedup_over_dense": round(fastest_dense / min(measured), 2),
-                                     "union_ratio": union_ratio, "rounds": rounds, "repeats": passes, **machine})
+                                     "extra_macs": extra_macs, "rounds": rounds, "repeats": passes, **machine})
     for row in rows:
         print(f"{row['backbone']:<9} {row['width']:>2} {row['gates']:<7} {row['setting']:<5} batch {row['batch']:>3} "
               f"{row['execution']:<16} {row['best_ms']:>9.3f} ms best {row['median_ms']:>9.3f} median  "

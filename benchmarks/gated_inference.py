@@ -9,7 +9,8 @@ class setting (every learned task's path and the task classifier), batch 1 and 6
 CNN (Split MNIST's input) and ResNet-18 (CIFAR's input) of reduced width (16; the papers'
 with `--resnet-width 64`). In the class setting also every learned task's compact path run
 as one on the batch repeated once per task (`stacked`; clbench's default there up to
-`TaskPathNet.stacked_paths_max_batch`, timed here at a batch of 64 too), and the dense backbone run
+`TaskPathNet.stacked_paths_max_batch` where `TaskPathNet.stacked_path` finds it cheaper, timed
+here at a batch of 64 too), and the dense backbone run
 once per learned task (`dense_every_path`), what running every path densely would cost.
 In the task setting also the dense backbone narrowed to each width whose MACs per sample
 do not exceed what the gated network executes (`dense_width_N`, N its width): no gates,
@@ -52,6 +53,7 @@ Usage: python benchmarks/gated_inference.py [--threads 1] [--tiny] [--trained-on
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from typing import Callable
 from unittest import mock
@@ -106,7 +108,8 @@ def executions(spec: ModelSpec, gated: TaskPathNet, x: torch.Tensor, t: torch.Te
     unpadded, per_sample, stacked = copy.deepcopy(gated), copy.deepcopy(gated), copy.deepcopy(gated)
     unpadded.per_sample_channels = False
     per_sample.backbone.per_sample_from_batch = 1  # at every batch, where clbench computes the kept channels
-    stacked.stacked_paths_max_batch = len(x)  # at every batch size, where clbench stacks small batches
+    # at every batch size, whatever MACs the paths as one compute beyond separate ones
+    stacked.stacked_paths_max_batch, stacked.stacked_layer_macs = len(x), math.inf
     with mock.patch.object(compact, "CHANNEL_MULTIPLE", 1):
         unpadded.forward_with_macs(x, t)  # cut, and kept until the model changes, which it does not here
 

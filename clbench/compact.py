@@ -523,6 +523,22 @@ def kernel_modules(model: TaskPathNet) -> list[nn.Module]:
     return [m for layer in model.path_layers for m in layer.kernel_modules()]
 
 
+def computed_macs(model: TaskPathNet, tasks: tuple[int, ...]) -> int:
+    """MACs per sample of the compact path of `tasks` with every channel they keep open, as
+    its layers compute them (a convolution's outputs padded to CHANNEL_MULTIPLE);
+    estimated from the channels each layer keeps: each reads those the layer before it
+    keeps (a ResNet stage's residual stream can hold more), and the gates and projection
+    shortcuts are left out."""
+    macs, channels, units = 0, model.backbone.in_channels, model.backbone.in_channels
+    for layer in model.path_layers:
+        kept_out = int(keeps_any(layer, tasks).sum())
+        padding = -kept_out % CHANNEL_MULTIPLE if isinstance(layer.layer, nn.Conv2d) else 0
+        kernel = layer.layer.weight[0].numel() // layer.in_units
+        macs += channels * (layer.in_units // units) * (kept_out + padding) * kernel * layer.positions
+        channels, units = kept_out, layer.out_units
+    return macs
+
+
 class CompactPath:
     """A compact path and head: one task's, or several tasks' run as one (`stacked`); the
     heads' inputs cut to the features the path keeps. `is_current()` tells whether it
@@ -544,10 +560,9 @@ class CompactPath:
         # first pass at each batch size (seconds to minutes; a C++ compiler on CPU).
         self.run_backbone = torch.compile(self.backbone.__call__) if model.compile_compact else self.backbone
         self.heads = [(head.weight.detach()[:, self.backbone.kept], head.bias.detach()) for head in heads]
-        # The channels the tasks keep together over those an average task keeps (1: all keep the same).
-        together = sum(int(keeps_any(layer, tasks).sum()) for layer in model.path_layers)
-        apart = sum(int(layer.kept_channels(task).sum()) for layer in model.path_layers for task in tasks)
-        self.union_ratio = len(tasks) * together / max(apart, 1)
+        # The MACs per sample the tasks' paths run as one (`stacked`) compute beyond running each alone.
+        self.extra_macs = 0 if len(tasks) == 1 else \
+            len(tasks) * computed_macs(model, tasks) - sum(computed_macs(model, (task,)) for task in tasks)
         self.head_macs = sum(head.in_features * head.out_features for head in heads)
         self.out_features = model.backbone.out_features
         self.first_layer = model.path_layers[0]

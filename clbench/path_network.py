@@ -33,11 +33,6 @@ CLASSIFIER_HIDDEN = 64
 OFF_TASK_PENALTY = 1e4
 # The key in `TaskPathNet._compact_paths` of the class setting's paths run as one (`stacked_path`).
 STACKED = "learned tasks"
-# Class setting: learned paths whose channels together are at most SHARED_PATHS_MAX_UNION
-# times an average path's run as one on batches up to SHARED_PATHS_BATCH_FACTOR times
-# `stacked_paths_max_batch` (`TaskPathNet.stacked_path`).
-SHARED_PATHS_MAX_UNION = 2.0
-SHARED_PATHS_BATCH_FACTOR = 8
 # Compact paths computing each sample's open channels run a larger batch in parts of this
 # many samples: the weights they gather for each sample outgrow the caches. On ccgn's
 # small CNN (`benchmarks/batch_thresholds.py`, task setting, one thread) their time per
@@ -143,6 +138,7 @@ class PathLayer(nn.Module):
     the MACs, on the output side and as the next layer's input."""
 
     mask_macs = 0  # MACs of computing the mask for one sample
+    positions = 1  # output positions per sample at the network's input size, set by the backbone
     masks_per_sample = False  # whether samples of one task can have different masks
     closed_gates_learn = False  # a mask of 0 gets the gradient of opening (see forward)
 
@@ -237,6 +233,7 @@ class PathSmallCNN(nn.Module):
             make_layer(nn.Conv2d(width, width, 3, padding=1), None),
             make_layer(nn.Linear(width * self.spatial_after_convs, self.out_features), None),
         ])
+        self.layers[0].positions, self.layers[1].positions = input_size**2, (input_size // 2) ** 2
         self.stage_features = sum(layer.out_units for layer in self.layers)  # every layer is a stage
 
     def forward(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
@@ -296,10 +293,13 @@ class PathResNet18(nn.Module):
         super().__init__()
         self.in_channels, self.out_features = in_channels, 8 * width
         self.stem = make_layer(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), FreezableBatchNorm2d(width))
-        blocks, channels = [], width
+        self.stem.positions = input_size**2
+        blocks, channels, size = [], width, input_size
         for stage, stride in enumerate((1, 2, 2, 2)):
-            out = width * 2**stage
+            out, size = width * 2**stage, (size - 1) // stride + 1
             blocks += [PathBasicBlock(channels, out, stride, make_layer), PathBasicBlock(out, out, 1, make_layer)]
+            for block in blocks[-2:]:
+                block.conv1.positions = block.conv2.positions = size**2
             channels = out
         self.blocks = nn.ModuleList(blocks)
         # The stem and every block are stages.
@@ -334,7 +334,10 @@ class TaskPathNet(MultiTaskModule):
     """
 
     compact_inference = True  # False: the masked layers at test too (a benchmark's baseline)
-    stacked_paths_max_batch = 4  # class setting: the largest batch for which the paths run as one (`stacked_path`)
+    # Class setting (`stacked_path`): the largest batch on which the paths may run as one,
+    # and what a layer of a path costs beyond its MACs, in MACs.
+    stacked_paths_max_batch = 32
+    stacked_layer_macs = 6e6
     compile_compact = False  # True: compact paths compiled by torch.compile (`clbench.compact.CompactPath`)
     per_sample_channels = True  # False: compact paths compute the same channels for every sample of a batch
     normalise_task_features = False  # set by the strategy's classifier_input
@@ -400,17 +403,20 @@ class TaskPathNet(MultiTaskModule):
     def stacked_path(self, x: torch.Tensor) -> CompactPath | None:
         """The class setting's compact paths run as one, on the batch repeated once per
         learned task (`clbench.compact.CompactPath.stacked`), or None where they run
-        separately. They run as one on batches of at most `stacked_paths_max_batch`,
-        where the many small operations of separate paths cost more than the channels
-        they skip save, and of up to SHARED_PATHS_BATCH_FACTOR times as many where the
-        paths share most of their channels (`CompactPath.union_ratio` at most
-        SHARED_PATHS_MAX_UNION), so that their union computes little more than they
-        would (`benchmarks/batch_thresholds.py`: trained gates on the small CNN, whose
-        paths' union is 1.3 times an average path, against 2.8-3 with random gates)."""
-        if self.tasks_learned < 2 or len(x) > self.stacked_paths_max_batch * SHARED_PATHS_BATCH_FACTOR:
+        separately. As one, a pass runs each layer once, not once per path, but computes
+        the union of the paths' channels for every path: `CompactPath.extra_macs` per
+        sample more. They run as one on batches of at most `stacked_paths_max_batch`
+        where those MACs over the batch are at most what the separate paths' layers cost
+        beyond their MACs, `stacked_layer_macs` per layer and path saved. That cost was
+        fitted on `benchmarks/batch_thresholds.py`, one thread (benchmarks/README.md,
+        "Paths run as one, by their MACs"): separate paths ran as fast from batches of
+        about 5 on ResNet-18 of width 16 with random gates, 1 at width 32, and at every
+        batch at width 64, where the MACs the union adds grow with the width squared."""
+        if self.tasks_learned < 2 or len(x) > self.stacked_paths_max_batch:
             return None
         path = self.compact_paths([tuple(range(self.tasks_learned))])[0]
-        return path if len(x) <= self.stacked_paths_max_batch or path.union_ratio <= SHARED_PATHS_MAX_UNION else None
+        saved = (self.tasks_learned - 1) * len(self.path_layers) * self.stacked_layer_macs
+        return path if len(x) * path.extra_macs <= saved else None
 
     def compact_paths(self, task_sets: Iterable[tuple[int, ...]]) -> list[CompactPath]:
         """A compact path for each set of tasks (one task's, or several run as one),

@@ -4,7 +4,7 @@ run (`clbench run ... --keep-checkpoints`), runs every task's test set (batches 
 through the compact paths computing each sample's open channels (`per_sample`, clbench's
 default at that batch size on the small CNN), through those computing one set of channels
 per batch (`compact`, ResNet-18's default), in the class setting through every learned task's path run as one
-(`stacked`, clbench's default on batches of up to 4) and through the masked layers, and
+(`stacked`, clbench's default on small batches: `TaskPathNet.stacked_path`) and through the masked layers, and
 prints per task the accuracy each way, and for each compact
 execution the test samples whose prediction differs from the masked layers', those whose
 MACs counted differ (a gate whose logit is within float rounding of 0 can decide
@@ -14,6 +14,7 @@ differently), and the largest MAC difference.
 """
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ BATCH = 256
 EXECUTIONS = {"per_sample": (dict(compact_inference=True, per_sample_channels=True, stacked_paths_max_batch=0), 1),
               "compact": (dict(compact_inference=True, per_sample_channels=False, stacked_paths_max_batch=0), None),
               # the class setting's only
-              "stacked": (dict(compact_inference=True, stacked_paths_max_batch=BATCH), None),
+              "stacked": (dict(compact_inference=True, stacked_paths_max_batch=BATCH, stacked_layer_macs=math.inf), None),
               "masked": (dict(compact_inference=False), None)}
 
 

@@ -3,6 +3,7 @@ masked layers, never out of date, never where gradients or training need the mas
 layers; and the benchmark that times it."""
 
 import copy
+import math
 import pickle
 import shutil
 from unittest import mock
@@ -15,11 +16,11 @@ from conftest import load_script, train_tasks
 from torch import nn
 
 from clbench import compact, path_network
-from clbench.compact import CHANNEL_MULTIPLE
+from clbench.compact import CHANNEL_MULTIPLE, computed_macs
 from clbench.config import RunConfig
 from clbench.gates import GatedLayer
 from clbench.models import ModelSpec
-from clbench.path_network import OFF_TASK_PENALTY, SHARED_PATHS_BATCH_FACTOR, STACKED, TaskPathNet
+from clbench.path_network import OFF_TASK_PENALTY, STACKED, TaskPathNet
 from clbench.registry import get_strategy
 from clbench.runner import run
 
@@ -78,6 +79,12 @@ def compact_and_masked(model, x, tasks):
     return compact, masked
 
 
+def run_as_one(model, up_to: int) -> None:
+    """The class setting's paths run as one on batches of up to `up_to`, whatever MACs
+    their union adds (0: never)."""
+    model.stacked_paths_max_batch, model.stacked_layer_macs = up_to, math.inf
+
+
 @torch.no_grad()
 def change_task_mask(layer, task: int) -> None:
     """Change `task`'s mask in `layer`: ccgn's gating module, or HAT's embedding."""
@@ -126,7 +133,7 @@ def test_compact_paths_compute_what_the_masked_layers_do(strategy, backbone, set
 def test_compact_paths_give_a_task_classifier_reading_every_stage_what_the_masked_layers_do(strategy, backbone,
                                                                                            stacked):
     model = learned_model(strategy, backbone, "class", {"classifier_layers": "all"})
-    model.stacked_paths_max_batch = 100 if stacked else 0
+    run_as_one(model, 100 if stacked else 0)
     x, tasks = inputs()
     with torch.no_grad():
         compact_read, _, _ = model.learned_paths(x)
@@ -143,14 +150,15 @@ def test_compact_paths_give_a_task_classifier_reading_every_stage_what_the_maske
 @pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
 @pytest.mark.parametrize("strategy", ["ccgn", "hat"])
 def test_stacked_paths_compute_what_the_masked_layers_do(strategy, backbone):
-    """The class setting's paths run as one up to `stacked_paths_max_batch`: the union
+    """The class setting's paths run as one (here at every batch): the union
     of the tasks' channels, each chunk masked by its own task (ccgn's gates closed on
     what the task may not open), and each path's MACs as the masked layers count them;
-    rebuilt when one task's mask changes, and when another task is learned. Above that
-    batch size, each path runs on its own. Heads of different widths run as one."""
+    rebuilt when one task's mask changes, and when another task is learned. Above
+    `stacked_paths_max_batch`, each path runs on its own. Heads of different widths run
+    as one."""
     model = learned_model(strategy, backbone, "class", task_classes=((0, 1), (2, 3, 4), (5, 6)))
     x, tasks = inputs()
-    model.stacked_paths_max_batch = len(x)
+    run_as_one(model, len(x))
     (stacked, stacked_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
     assert torch.allclose(stacked, masked, atol=1e-5)
     assert torch.equal(stacked_macs, masked_macs)
@@ -174,36 +182,64 @@ def test_stacked_paths_compute_what_the_masked_layers_do(strategy, backbone):
     (stacked, stacked_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
     assert torch.allclose(stacked, masked, atol=1e-5) and torch.equal(stacked_macs, masked_macs)
     assert model._compact_paths[STACKED].tasks == (0, 1, 2)
-    model.stacked_paths_max_batch = (len(x) - 1) // SHARED_PATHS_BATCH_FACTOR  # above it, whatever paths share
+    model.stacked_paths_max_batch = len(x) - 1
     compact_and_masked(model, x, tasks)
     assert sorted(key for key in model._compact_paths if key != STACKED) == [0, 1, 2]
 
 
 @pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
-def test_paths_that_share_most_of_their_channels_run_as_one_on_larger_batches_too(backbone):
-    """Above `stacked_paths_max_batch`, up to SHARED_PATHS_BATCH_FACTOR times it, the paths
-    run as one only where the channels they keep together are at most
-    SHARED_PATHS_MAX_UNION times those of an average path: three tasks keeping the same
-    channels (1 time), but not three keeping a third each (3 times)."""
+def test_paths_run_as_one_where_the_macs_their_union_adds_cost_less_than_their_layers(backbone):
+    """The paths run as one where the MACs they compute beyond running each alone
+    (`CompactPath.extra_macs`), over the batch, are at most `stacked_layer_macs` for each
+    layer and path saved: at no cost per layer where three tasks keep the same channels
+    (no MACs beyond), where they keep a third each only within that budget; and never on
+    a batch above `stacked_paths_max_batch`."""
     model = learned_model("ccgn", backbone, "class")
-    model.tasks_learned, model.stacked_paths_max_batch = 3, 2
-    x, tasks = inputs(2 * SHARED_PATHS_BATCH_FACTOR)
+    model.tasks_learned = 3
+    x, tasks = inputs(16)
+    model.stacked_paths_max_batch = len(x)
 
-    def keep(third) -> float:
+    def runs_as_one(third, layer_macs: float) -> bool:
         with torch.no_grad():
             for layer in model.path_layers:
                 for task in range(3):
                     layer.allowed[task] = torch.arange(layer.out_units) % 3 == third(task)
+        model.stacked_layer_macs = layer_macs
+        model._compact_paths.clear()
         (compact, compact_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
         assert torch.allclose(compact, masked, atol=1e-5) and torch.equal(compact_macs, masked_macs)
-        return model.compact_paths([(0, 1, 2)])[0].union_ratio
+        return not any(key in model._compact_paths for key in range(3))
 
-    assert keep(lambda task: 0) == 1 and STACKED in model._compact_paths
-    assert not any(key in model._compact_paths for key in range(3)), "the paths should have run as one"
-    assert keep(lambda task: task) == 3 and sorted(key for key in model._compact_paths if key != STACKED) == [0, 1, 2]
-    model._compact_paths.clear()
-    compact_and_masked(model, torch.cat([x, x[:1]]), torch.cat([tasks, tasks[:1]]))  # one above the factor
-    assert STACKED not in model._compact_paths
+    assert runs_as_one(lambda task: 0, 0) and model.compact_paths([(0, 1, 2)])[0].extra_macs == 0
+    assert not runs_as_one(lambda task: task, 0)
+    extra = model.compact_paths([(0, 1, 2)])[0].extra_macs
+    budget = len(x) * extra / (2 * len(model.path_layers))  # two paths saved
+    assert extra > 0 and runs_as_one(lambda task: task, budget * 1.001)
+    assert not runs_as_one(lambda task: task, budget * 0.999)
+    model.stacked_paths_max_batch = len(x) - 1
+    assert not runs_as_one(lambda task: 0, math.inf)
+
+
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+def test_computed_macs_count_each_layers_output_positions_and_the_compact_weights(backbone):
+    """`PathLayer.positions` are each masked layer's output positions; on the small CNN,
+    whose layers each read the one before, `computed_macs` is each compact layer's
+    weights (padded outputs included) times its positions, for one task or several."""
+    model = learned_model("ccgn", backbone, "class")
+    positions = {}
+    hooks = [layer.layer.register_forward_hook(lambda _, __, out, layer=layer: positions.update({layer: out[0, 0].numel()}))
+             for layer in model.path_layers]
+    with torch.no_grad():
+        model.forward_path(inputs()[0], 0)
+    for hook in hooks:
+        hook.remove()
+    assert positions == {layer: layer.positions for layer in model.path_layers}
+    assert len(set(positions.values())) == (3 if backbone == "small_cnn" else 4)
+    if backbone == "small_cnn":
+        for tasks in ((0,), (0, 1)):
+            path = model.compact_paths([tasks])[0].backbone
+            weights = sum(cut.conv.weight.numel() * layer.positions for cut, layer in zip(path.layers, model.path_layers))
+            assert computed_macs(model, tasks) == weights
 
 
 def test_class_scores_are_each_tasks_log_softmax_lowered_where_the_task_classifier_picked_another():
@@ -344,7 +380,7 @@ def test_compact_paths_keep_the_channels_last_layout_through_every_convolution(b
 
     with mock.patch.object(F, "conv2d", conv2d), torch.no_grad():
         for stacked_up_to in (0, len(x)):
-            model.stacked_paths_max_batch = stacked_up_to
+            run_as_one(model, stacked_up_to)
             model.forward_with_macs(x, tasks)
     assert layouts and all(layouts)
 
