@@ -523,19 +523,18 @@ def kernel_modules(model: TaskPathNet) -> list[nn.Module]:
     return [m for layer in model.path_layers for m in layer.kernel_modules()]
 
 
-def computed_macs(model: TaskPathNet, tasks: tuple[int, ...]) -> int:
-    """MACs per sample of the compact path of `tasks` with every channel they keep open, as
-    its layers compute them (a convolution's outputs padded to CHANNEL_MULTIPLE);
-    estimated from the channels each layer keeps: each reads those the layer before it
-    keeps (a ResNet stage's residual stream can hold more), and the gates and projection
-    shortcuts are left out."""
+def computed_macs(model: TaskPathNet, kept_out: list[int]) -> int:
+    """MACs per sample of a compact path whose layers keep `kept_out` output channels (in
+    the order of `model.path_layers`) with every channel open, as its layers compute them
+    (a convolution's outputs padded to CHANNEL_MULTIPLE); estimated: each layer reads the
+    channels the layer before it keeps (a ResNet stage's residual stream can hold more),
+    and the gates and projection shortcuts are left out."""
     macs, channels, units = 0, model.backbone.in_channels, model.backbone.in_channels
-    for layer in model.path_layers:
-        kept_out = int(keeps_any(layer, tasks).sum())
-        padding = -kept_out % CHANNEL_MULTIPLE if isinstance(layer.layer, nn.Conv2d) else 0
+    for layer, kept in zip(model.path_layers, kept_out):
+        padding = -kept % CHANNEL_MULTIPLE if isinstance(layer.layer, nn.Conv2d) else 0
         kernel = layer.layer.weight[0].numel() // layer.in_units
-        macs += channels * (layer.in_units // units) * (kept_out + padding) * kernel * layer.positions
-        channels, units = kept_out, layer.out_units
+        macs += channels * (layer.in_units // units) * (kept + padding) * kernel * layer.positions
+        channels, units = kept, layer.out_units
     return macs
 
 
@@ -561,8 +560,12 @@ class CompactPath:
         self.run_backbone = torch.compile(self.backbone.__call__) if model.compile_compact else self.backbone
         self.heads = [(head.weight.detach()[:, self.backbone.kept], head.bias.detach()) for head in heads]
         # The MACs per sample the tasks' paths run as one (`stacked`) compute beyond running each alone.
-        self.extra_macs = 0 if len(tasks) == 1 else \
-            len(tasks) * computed_macs(model, tasks) - sum(computed_macs(model, (task,)) for task in tasks)
+        self.extra_macs = 0
+        if len(tasks) > 1:
+            kept_by_task = [torch.stack([layer.kept_channels(task) for task in tasks]) for layer in model.path_layers]
+            together = computed_macs(model, [int(kept.any(0).sum()) for kept in kept_by_task])
+            apart = sum(computed_macs(model, counts) for counts in zip(*(kept.sum(1).tolist() for kept in kept_by_task)))
+            self.extra_macs = len(tasks) * together - apart
         self.head_macs = sum(head.in_features * head.out_features for head in heads)
         self.out_features = model.backbone.out_features
         self.first_layer = model.path_layers[0]

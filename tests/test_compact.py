@@ -224,7 +224,8 @@ def test_paths_run_as_one_where_the_macs_their_union_adds_cost_less_than_their_l
 def test_computed_macs_count_each_layers_output_positions_and_the_compact_weights(backbone):
     """`PathLayer.positions` are each masked layer's output positions; on the small CNN,
     whose layers each read the one before, `computed_macs` is each compact layer's
-    weights (padded outputs included) times its positions, for one task or several."""
+    weights (padded outputs included) times its positions, for one task or several; and
+    the paths as one compute the MACs of their union once per task beyond the paths'."""
     model = learned_model("ccgn", backbone, "class")
     positions = {}
     hooks = [layer.layer.register_forward_hook(lambda _, __, out, layer=layer: positions.update({layer: out[0, 0].numel()}))
@@ -235,11 +236,21 @@ def test_computed_macs_count_each_layers_output_positions_and_the_compact_weight
         hook.remove()
     assert positions == {layer: layer.positions for layer in model.path_layers}
     assert len(set(positions.values())) == (3 if backbone == "small_cnn" else 4)
-    if backbone == "small_cnn":
-        for tasks in ((0,), (0, 1)):
+    if backbone == "small_cnn":  # three tasks keeping a third of each layer each
+        with torch.no_grad():
+            for layer in model.path_layers:
+                for task in range(3):
+                    layer.allowed[task] = torch.arange(layer.out_units) % 3 == task
+        model.tasks_learned = 3
+
+        def weights(tasks: tuple[int, ...]) -> int:
             path = model.compact_paths([tasks])[0].backbone
-            weights = sum(cut.conv.weight.numel() * layer.positions for cut, layer in zip(path.layers, model.path_layers))
-            assert computed_macs(model, tasks) == weights
+            computed = sum(cut.conv.weight.numel() * layer.positions for cut, layer in zip(path.layers, model.path_layers))
+            assert computed_macs(model, [len(cut.kept) for cut in path.layers]) == computed
+            return computed
+
+        apart = sum(weights((task,)) for task in range(3))
+        assert model.compact_paths([(0, 1, 2)])[0].extra_macs == 3 * weights((0, 1, 2)) - apart > 0
 
 
 def test_class_scores_are_each_tasks_log_softmax_lowered_where_the_task_classifier_picked_another():
