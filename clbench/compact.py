@@ -48,8 +48,13 @@ from clbench.path_network import (PathBasicBlock, PathLayer, PathResNet18, PathS
                                   pool_and_relu, positions_mean)
 
 
+def kept_by_task(layer: PathLayer, tasks: tuple[int, ...]) -> torch.Tensor:
+    """len(tasks) x out_units: the output channels each task keeps in `layer`."""
+    return torch.stack([layer.kept_channels(task) for task in tasks])
+
+
 def keeps_any(layer: PathLayer, tasks: tuple[int, ...]) -> torch.Tensor:
-    return torch.stack([layer.kept_channels(task) for task in tasks]).any(0)
+    return kept_by_task(layer, tasks).any(0)
 
 
 def kept(layer: PathLayer, tasks: tuple[int, ...]) -> torch.Tensor:
@@ -265,7 +270,7 @@ class CompactLayer:
             self.mask = layer.compact_mask(tasks, kept_in, kept_out)
         else:
             self.mask = lambda x: x.new_zeros(len(x), len(kept_out))
-        self.kernel = layer.layer.weight[0].numel() // layer.in_units * inputs_per_unit
+        self.kernel = layer.pair_macs * inputs_per_unit
         self.mask_macs = layer.mask_macs
 
     def __call__(self, x: torch.Tensor, active_in: torch.Tensor, count: MacCount,
@@ -530,11 +535,10 @@ def computed_macs(model: TaskPathNet, kept_out: list[int]) -> int:
     channels the layer before it keeps (a ResNet stage's residual stream can hold more),
     and the gates and projection shortcuts are left out."""
     macs, channels, units = 0, model.backbone.in_channels, model.backbone.in_channels
-    for layer, kept in zip(model.path_layers, kept_out):
-        padding = -kept % CHANNEL_MULTIPLE if isinstance(layer.layer, nn.Conv2d) else 0
-        kernel = layer.layer.weight[0].numel() // layer.in_units
-        macs += channels * (layer.in_units // units) * (kept + padding) * kernel * layer.positions
-        channels, units = kept, layer.out_units
+    for layer, count in zip(model.path_layers, kept_out):
+        padding = -count % CHANNEL_MULTIPLE if isinstance(layer.layer, nn.Conv2d) else 0
+        macs += channels * (layer.in_units // units) * (count + padding) * layer.pair_macs * layer.positions
+        channels, units = count, layer.out_units
     return macs
 
 
@@ -562,9 +566,10 @@ class CompactPath:
         # The MACs per sample the tasks' paths run as one (`stacked`) compute beyond running each alone.
         self.extra_macs = 0
         if len(tasks) > 1:
-            kept_by_task = [torch.stack([layer.kept_channels(task) for task in tasks]) for layer in model.path_layers]
-            together = computed_macs(model, [int(kept.any(0).sum()) for kept in kept_by_task])
-            apart = sum(computed_macs(model, counts) for counts in zip(*(kept.sum(1).tolist() for kept in kept_by_task)))
+            masks = [kept_by_task(layer, tasks) for layer in model.path_layers]
+            together = computed_macs(model, [int(mask.any(0).sum()) for mask in masks])
+            by_task = zip(*(mask.sum(1).tolist() for mask in masks))  # each task's count per layer
+            apart = sum(computed_macs(model, counts) for counts in by_task)
             self.extra_macs = len(tasks) * together - apart
         self.head_macs = sum(head.in_features * head.out_features for head in heads)
         self.out_features = model.backbone.out_features

@@ -148,6 +148,11 @@ class PathLayer(nn.Module):
         self.in_units = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
         self.out_units = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
 
+    @property
+    def pair_macs(self) -> int:
+        """MACs per input and output unit at one output position: the kernel's size."""
+        return self.layer.weight[0].numel() // self.in_units
+
     def mask(self, x: torch.Tensor, task: int, trace: PathTrace) -> torch.Tensor:
         """batch x out_units mask of task `task` for input `x`; what the strategy's loss
         needs from computing it, besides the mask, goes in `trace`."""
@@ -188,9 +193,8 @@ class PathLayer(nn.Module):
         trace.masks.append(mask)
         if not self.training:
             spatial = out.shape[2] * out.shape[3] if out.dim() == 4 else 1
-            kernel = self.layer.weight[0].numel() // self.in_units
             trace.active_inputs.append(active_in.detach())
-            trace.macs = trace.macs + masked_macs(active_in, mask, kernel * spatial) + self.mask_macs
+            trace.macs = trace.macs + masked_macs(active_in, mask, self.pair_macs * spatial) + self.mask_macs
         applied = mask
         if then is not None:
             out = then(out)

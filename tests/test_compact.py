@@ -86,6 +86,15 @@ def run_as_one(model, up_to: int) -> None:
 
 
 @torch.no_grad()
+def keep_thirds(model, third) -> None:
+    """ccgn's three tasks each allowed a third of every layer's kernels: task t the
+    kernels k with k % 3 == third(t)."""
+    for layer in model.path_layers:
+        for task in range(3):
+            layer.allowed[task] = torch.arange(layer.out_units) % 3 == third(task)
+
+
+@torch.no_grad()
 def change_task_mask(layer, task: int) -> None:
     """Change `task`'s mask in `layer`: ccgn's gating module, or HAT's embedding."""
     if isinstance(layer, GatedLayer):
@@ -200,10 +209,7 @@ def test_paths_run_as_one_where_the_macs_their_union_adds_cost_less_than_their_l
     model.stacked_paths_max_batch = len(x)
 
     def runs_as_one(third, layer_macs: float) -> bool:
-        with torch.no_grad():
-            for layer in model.path_layers:
-                for task in range(3):
-                    layer.allowed[task] = torch.arange(layer.out_units) % 3 == third(task)
+        keep_thirds(model, third)
         model.stacked_layer_macs = layer_macs
         model._compact_paths.clear()
         (compact, compact_macs), (masked, masked_macs) = compact_and_masked(model, x, tasks)
@@ -228,8 +234,11 @@ def test_computed_macs_count_each_layers_output_positions_and_the_compact_weight
     the paths as one compute the MACs of their union once per task beyond the paths'."""
     model = learned_model("ccgn", backbone, "class")
     positions = {}
-    hooks = [layer.layer.register_forward_hook(lambda _, __, out, layer=layer: positions.update({layer: out[0, 0].numel()}))
-             for layer in model.path_layers]
+
+    def record(layer):
+        return lambda _, __, out: positions.update({layer: out[0, 0].numel()})
+
+    hooks = [layer.layer.register_forward_hook(record(layer)) for layer in model.path_layers]
     with torch.no_grad():
         model.forward_path(inputs()[0], 0)
     for hook in hooks:
@@ -237,15 +246,13 @@ def test_computed_macs_count_each_layers_output_positions_and_the_compact_weight
     assert positions == {layer: layer.positions for layer in model.path_layers}
     assert len(set(positions.values())) == (3 if backbone == "small_cnn" else 4)
     if backbone == "small_cnn":  # three tasks keeping a third of each layer each
-        with torch.no_grad():
-            for layer in model.path_layers:
-                for task in range(3):
-                    layer.allowed[task] = torch.arange(layer.out_units) % 3 == task
+        keep_thirds(model, lambda task: task)
         model.tasks_learned = 3
 
         def weights(tasks: tuple[int, ...]) -> int:
             path = model.compact_paths([tasks])[0].backbone
-            computed = sum(cut.conv.weight.numel() * layer.positions for cut, layer in zip(path.layers, model.path_layers))
+            computed = sum(cut.conv.weight.numel() * layer.positions
+                           for cut, layer in zip(path.layers, model.path_layers))
             assert computed_macs(model, [len(cut.kept) for cut in path.layers]) == computed
             return computed
 
