@@ -3,14 +3,15 @@ commit, in one process, on the networks of benchmarks/gated_inference.py
 (`clbench.benchmarking.gated_networks`: ccgn's small CNN trained on the embedded Split
 MNIST and with random gates, ResNet-18 of width 16 with random gates; or instead, with
 `--runs`, the networks of finished runs whose checkpoints were kept), task setting (one
-task's path) and class setting (every path and the task classifier), batch 1 and 64.
+task's path) and class setting (every path and the task classifier), at each of `--batches`.
 The two versions alternate for `--rounds` rounds of `--repeats` passes; best and median
 per pass, and this checkout's best time over the other's. The other commit's module
 stands in for clbench.compact while its network runs. Both must give the same MACs per
 sample and outputs within float tolerance (checked; a version that computes something
 else is an error, not a row).
 
-Usage: python benchmarks/compact_revisions.py [--against HEAD] [--threads 1] [--tiny] [--runs RUN_DIR ...]
+Usage: python benchmarks/compact_revisions.py [--against HEAD] [--batches 1 64] [--threads 1] [--tiny]
+                                             [--runs RUN_DIR ...]
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def imported_as_compact(module: types.ModuleType):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = benchmark_parser(__file__, __doc__, "2 rounds of 1 pass, width 4", rounds=9, repeats=20,
-                              repeats_help="passes per round at batch 1 (a tenth at 64)")
+                              repeats_help="passes per round at batch 1 (a tenth at larger batches)")
     parser.add_argument("--against", default="HEAD", help="the commit to compare with [%(default)s]")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     add_network_options(parser)
     args = parser.parse_args(argv)
     other, commit = compact_at(args.against)
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with torch_threads(args.threads):
         machine = machine_columns()
-        networks = gated_networks(args)
+        networks = gated_networks(args, max(args.batches))
         for backbone, width, gates, trained_on, setting, _, here, images in networks:
             against = copy.deepcopy(here)
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     return against.forward_with_macs(x, t)
 
             with torch.no_grad():  # the trained networks train outside it
-                for batch in (1, 64):
+                for batch in args.batches:
                     x, t = images[:batch], torch.zeros(batch, dtype=torch.long)
                     (out_here, macs_here), (out_against, macs_against) = here.forward_with_macs(x, t), run_against(x, t)
                     if not (torch.equal(macs_here, macs_against) and torch.allclose(out_here, out_against, atol=1e-4)):

@@ -204,6 +204,21 @@ class SampleChannels:
 # as one set of channels for the batch; with 0, 0.43-1.11 times; with 300, 0.71-0.92.
 PER_SAMPLE_MIN_POSITIONS = 100
 
+# A grouped convolution reading channels-last inputs whose positions lie a multiple of 2 KiB
+# apart ran 1.3-8.7 times as long as one reading an input with a zero channel added per
+# sample, copy included (`benchmarks/grouped_strides.py`): the positions it reads
+# together fall into the same few sets of the L1 cache. Each sample's channels get one
+# then.
+ALIASED_STRIDE_BYTES = 2048
+
+
+def with_zero_channel(values: torch.Tensor, groups: int) -> torch.Tensor:
+    """`SampleChannels.values` (1 x (groups * n) x H x W, channels-last) with a zero channel
+    after each group's n."""
+    _, channels, height, width = values.shape
+    rows = values.permute(0, 2, 3, 1).reshape(height * width, groups, channels // groups)
+    return F.pad(rows, (0, 1)).view(1, height, width, -1).permute(0, 3, 1, 2)
+
 
 class CompactConv:
     """A conv or linear layer and its batch norm (folded in) at test, cut to channels
@@ -252,7 +267,10 @@ class CompactConv:
         pairs = (out_index[:, :, None] * inputs + x.index[:, None, :]).flatten()
         weight = self.weight.flatten(0, 1).index_select(0, pairs).view(-1, x.index.shape[1], *self.weight.shape[2:])
         bias = None if self.bias is None else self.bias[out_index].flatten()
-        return F.conv2d(x.values, weight, bias, groups=len(out_index), **self.conv)
+        values = x.values
+        if values.shape[1] * values.element_size() % ALIASED_STRIDE_BYTES == 0:
+            values, weight = with_zero_channel(values, len(out_index)), F.pad(weight, (0, 0, 0, 0, 0, 1))
+        return F.conv2d(values, weight, bias, groups=len(out_index), **self.conv)
 
 
 class CompactLayer:

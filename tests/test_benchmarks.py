@@ -80,6 +80,23 @@ def test_channel_counts_benchmark_writes_its_table(tmp_path):
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
 
 
+def test_grouped_strides_benchmark_times_each_stride_as_it_is_and_with_a_zero_channel(tmp_path, monkeypatch):
+    strides = benchmark("grouped_strides")
+    monkeypatch.setattr(strides, "ALIASED_STRIDE_BYTES", 32)  # the tiny size's strides: 32 and 64 bytes
+    padded = []
+    monkeypatch.setattr(strides, "with_zero_channel", lambda values, groups: padded.append(values.shape) or
+                        compact.with_zero_channel(values, groups))
+    table = tiny_table(strides, tmp_path / "grouped_strides.csv")
+    assert padded[:1] == [(1, 2 * 4, 8, 8)], "the zero channel's execution should add it"
+    assert list(zip(table.in_channels, table.execution)) == [(2, "as_is"), (2, "zero_channel"), (4, "as_is"),
+                                                             (4, "zero_channel")]
+    assert list(table.stride_bytes) == [32, 32, 64, 64] and table.aliased.all()
+    assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
+    monkeypatch.setattr(strides, "ALIASED_STRIDE_BYTES", 64)
+    assert [row["aliased"] for row in strides.main(["--tiny", "--output", str(tmp_path / "again.csv")])] == \
+        [False, False, True, True]
+
+
 def test_per_sample_positions_benchmark_writes_its_table(tmp_path, capsys, monkeypatch):
     positions = benchmark("per_sample_positions")
     output = tmp_path / "per_sample_positions.csv"
@@ -242,8 +259,9 @@ def test_compact_revisions_benchmark_times_this_checkout_against_a_commit(tmp_pa
         pytest.skip("not a git checkout: no commit to compare with")
     revisions = benchmark("compact_revisions")
     output = tmp_path / "compact_revisions.csv"
-    table = tiny_table(revisions, output, "--against", "HEAD")
+    table = tiny_table(revisions, output, "--against", "HEAD", "--batches", "2", "5")
     assert len(table) == 3 * 2 * 2 and (table.ratio_best > 0).all()
+    assert sorted(set(table.batch)) == [2, 5]
     with pytest.raises(SystemExit, match="cannot read clbench/compact.py"):
         revisions.main(["--tiny", "--against", "no-such-revision", "--output", str(output)])
     one_task_paths = "0e95ba2"  # the last commit whose compact paths each served one task

@@ -334,6 +334,38 @@ def test_per_sample_channels_run_each_samples_open_channels_where_gates_differ(b
             one.forward_with_macs(x[:1], tasks[:1])
 
 
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+def test_a_grouped_convolution_whose_input_positions_lie_an_aliased_stride_apart_reads_a_zero_channel_more(
+        backbone, monkeypatch):
+    """Where a grouped convolution's input positions lie a multiple of
+    ALIASED_STRIDE_BYTES apart (here every stride), each sample's channels get a zero one
+    after them, with zero weights: the same outputs and MACs as the masked layers."""
+    model = learned_model("ccgn", backbone, "task")
+    x, tasks = inputs()
+    model.backbone.per_sample_from_batch = len(x)
+    counts = []
+    convolution = compact.CompactConv.per_sample
+
+    def spy(conv, channels, out_index):
+        counts.append(channels.index.shape[1])
+        return convolution(conv, channels, out_index)
+
+    monkeypatch.setattr(compact, "ALIASED_STRIDE_BYTES", 4)
+    with mock.patch.object(compact.CompactConv, "per_sample", spy), \
+            mock.patch("torch.nn.functional.conv2d", wraps=F.conv2d) as conv2d:
+        (out, macs), (masked, masked_macs) = compact_and_masked(model, x, torch.zeros_like(tasks))
+    assert torch.allclose(out, masked, atol=1e-5) and torch.equal(macs, masked_macs)
+    grouped = [call.args[0].shape[1] // len(x) for call in conv2d.call_args_list if call.kwargs.get("groups") == len(x)]
+    assert grouped and len(grouped) <= len(counts)
+    assert all(n in {count + 1 for count in counts} for n in grouped), "a zero channel more per sample"
+
+    values = torch.randn(3, 2, 4, 5)  # 3 samples of 2 channels
+    padded = compact.with_zero_channel(values.reshape(1, 6, 4, 5).to(memory_format=torch.channels_last), 3)
+    assert padded.is_contiguous(memory_format=torch.channels_last)
+    per_sample = padded.reshape(3, 3, 4, 5)
+    assert torch.equal(per_sample[:, :2], values) and not per_sample[:, 2].any()
+
+
 @pytest.mark.parametrize("setting", ["task", "class"])
 def test_each_samples_channels_run_a_large_batch_in_parts(setting, monkeypatch):
     """Compact paths computing each sample's open channels run a batch of more than
