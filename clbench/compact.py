@@ -204,12 +204,13 @@ class SampleChannels:
 # as one set of channels for the batch; with 0, 0.43-1.11 times; with 300, 0.71-0.92.
 PER_SAMPLE_MIN_POSITIONS = 100
 
-# A grouped convolution reading channels-last inputs whose positions lie a multiple of 2 KiB
-# apart ran 1.3-8.7 times as long as one reading an input with a zero channel added per
-# sample, copy included (`benchmarks/grouped_strides.py`): the positions it reads
-# together fall into the same few sets of the L1 cache. Each sample's channels get one
-# then.
-ALIASED_STRIDE_BYTES = 2048
+# A grouped convolution (`CompactConv.per_sample`) reading channels-last inputs whose
+# positions lie a multiple of 4 KiB apart ran 1.11-8.31 times as long as the same one
+# reading a zero channel more per sample, the copy that adds it included; at odd multiples
+# of 2 KiB 0.74-4.17 times (`benchmarks/grouped_strides.py`, batches of 32-128, one
+# thread): what the convolution reads together falls into the same few sets of the L1
+# cache. Each sample's channels get that zero channel there.
+ALIASED_STRIDE_BYTES = 4096
 
 
 def with_zero_channel(values: torch.Tensor, groups: int) -> torch.Tensor:
