@@ -205,9 +205,9 @@ class SampleChannels:
 PER_SAMPLE_MIN_POSITIONS = 100
 
 # A grouped convolution (`CompactConv.per_sample`) reading channels-last inputs whose
-# positions lie a multiple of 4 KiB apart ran 1.11-8.31 times as long as the same one
+# positions lie a multiple of 4 KiB apart ran 1.16-8.53 times as long as the same one
 # reading a zero channel more per sample, the copy that adds it included; at odd multiples
-# of 2 KiB 0.74-4.17 times (`benchmarks/grouped_strides.py`, batches of 32-128, one
+# of 2 KiB 0.67-4.04 times (`benchmarks/grouped_strides.py`, batches of 32-128, one
 # thread): what the convolution reads together falls into the same few sets of the L1
 # cache. Each sample's channels get that zero channel there.
 ALIASED_STRIDE_BYTES = 4096
