@@ -3,15 +3,17 @@ commit, in one process, on the networks of benchmarks/gated_inference.py
 (`clbench.benchmarking.gated_networks`: ccgn's small CNN trained on the embedded Split
 MNIST and with random gates, ResNet-18 of width 16 with random gates; or instead, with
 `--runs`, the networks of finished runs whose checkpoints were kept), task setting (one
-task's path) and class setting (every path and the task classifier), at each of `--batches`.
+task's path) and class setting (every path and the task classifier), at each of `--batches`;
+with `--per-sample-from-batch N`, both compute each sample's channels from a batch of N
+(the backbone's `per_sample_from_batch`, which ResNet-18 leaves None: never).
 The two versions alternate for `--rounds` rounds of `--repeats` passes; best and median
 per pass, and this checkout's best time over the other's. The other commit's module
 stands in for clbench.compact while its network runs. Both must give the same MACs per
 sample and outputs within float tolerance (checked; a version that computes something
 else is an error, not a row).
 
-Usage: python benchmarks/compact_revisions.py [--against HEAD] [--batches 1 64] [--threads 1] [--tiny]
-                                             [--runs RUN_DIR ...]
+Usage: python benchmarks/compact_revisions.py [--against HEAD] [--batches 1 64] [--per-sample-from-batch N]
+                                             [--threads 1] [--tiny] [--runs RUN_DIR ...]
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                               repeats_help="passes per round at batch 1 (a tenth at larger batches)")
     parser.add_argument("--against", default="HEAD", help="the commit to compare with [%(default)s]")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--per-sample-from-batch", type=int, metavar="N",
+                        help="compute each sample's channels from a batch of N [the backbone's default]")
     add_network_options(parser)
     args = parser.parse_args(argv)
     other, commit = compact_at(args.against)
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         machine = machine_columns()
         networks = gated_networks(args, max(args.batches))
         for backbone, width, gates, trained_on, setting, _, here, images in networks:
+            if args.per_sample_from_batch is not None:
+                here.backbone.per_sample_from_batch = args.per_sample_from_batch
             against = copy.deepcopy(here)
 
             def run_against(x, t, against=against):

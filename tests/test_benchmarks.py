@@ -4,6 +4,7 @@ import subprocess
 import sys
 from functools import partial
 from itertools import product
+from unittest import mock
 
 import pandas as pd
 import pytest
@@ -259,9 +260,17 @@ def test_compact_revisions_benchmark_times_this_checkout_against_a_commit(tmp_pa
         pytest.skip("not a git checkout: no commit to compare with")
     revisions = benchmark("compact_revisions")
     output = tmp_path / "compact_revisions.csv"
-    table = tiny_table(revisions, output, "--against", "HEAD", "--batches", "2", "5")
+    # ResNet-18, never trained here, computes each sample's channels only when told.
+    resnet_per_sample = partial(mock.patch.object, compact.CompactResNet18, "per_sample", autospec=True,
+                                side_effect=compact.CompactResNet18.per_sample)
+    with resnet_per_sample() as per_sample:
+        table = tiny_table(revisions, output, "--against", "HEAD", "--batches", "2", "5")
     assert len(table) == 3 * 2 * 2 and (table.ratio_best > 0).all()
-    assert sorted(set(table.batch)) == [2, 5]
+    assert sorted(set(table.batch)) == [2, 5] and not per_sample.called
+    with resnet_per_sample() as per_sample:
+        revisions.main(["--tiny", "--against", "HEAD", "--batches", "2", "--per-sample-from-batch", "2",
+                        "--output", str(output)])
+    assert per_sample.called
     with pytest.raises(SystemExit, match="cannot read clbench/compact.py"):
         revisions.main(["--tiny", "--against", "no-such-revision", "--output", str(output)])
     one_task_paths = "0e95ba2"  # the last commit whose compact paths each served one task
@@ -269,7 +278,6 @@ def test_compact_revisions_benchmark_times_this_checkout_against_a_commit(tmp_pa
         with pytest.raises(SystemExit, match="cuts a path for one task"):
             revisions.main(["--tiny", "--against", one_task_paths, "--output", str(output)])
     # A checkout whose compact paths count other MACs is refused, not timed.
-    from clbench import compact
     total = compact.MacCount.total
     monkeypatch.setattr(compact.MacCount, "total", lambda count: total(count) + 1)
     with pytest.raises(SystemExit, match="other outputs or MACs"):
