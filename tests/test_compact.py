@@ -343,18 +343,13 @@ def test_a_grouped_convolution_whose_input_positions_lie_an_aliased_stride_apart
     model = learned_model("ccgn", backbone, "task")
     x, tasks = inputs()
     model.backbone.per_sample_from_batch = len(x)
-    counts = []
-    convolution = compact.CompactConv.per_sample
-
-    def spy(conv, channels, out_index):
-        counts.append(channels.index.shape[1])
-        return convolution(conv, channels, out_index)
-
     monkeypatch.setattr(compact, "ALIASED_STRIDE_BYTES", 4)
-    with mock.patch.object(compact.CompactConv, "per_sample", spy), \
+    with mock.patch.object(compact.CompactConv, "per_sample", autospec=True,
+                           side_effect=compact.CompactConv.per_sample) as per_sample, \
             mock.patch("torch.nn.functional.conv2d", wraps=F.conv2d) as conv2d:
         (out, macs), (masked, masked_macs) = compact_and_masked(model, x, torch.zeros_like(tasks))
     assert torch.allclose(out, masked, atol=1e-5) and torch.equal(macs, masked_macs)
+    counts = [call.args[1].index.shape[1] for call in per_sample.call_args_list]  # (conv, channels, out_index)
     grouped = [call.args[0].shape[1] // len(x) for call in conv2d.call_args_list if call.kwargs.get("groups") == len(x)]
     assert grouped and len(grouped) <= len(counts)
     assert all(n in {count + 1 for count in counts} for n in grouped), "a zero channel more per sample"
