@@ -254,8 +254,9 @@ class CompactConv:
 
     def per_sample(self, x: SampleChannels, out_index: torch.Tensor) -> torch.Tensor:
         """The convolution of each sample's channels of `x` into its `out_index` ones (of
-        the kept outputs): one group per sample, weights gathered per sample; 1 x (batch *
-        n_out) x H x W, as `SampleChannels.values`. Where the output has fewer than
+        the kept outputs): one group per sample, weights gathered per sample (and a zero
+        channel more per sample where ALIASED_STRIDE_BYTES says); 1 x (batch * n_out) x H x W,
+        as `SampleChannels.values`. Where the output has fewer than
         `PER_SAMPLE_MIN_POSITIONS` positions, every kept output of every sample instead,
         each sample's then picked."""
         height, width = (1 + (n + 2 * pad - dilation * (k - 1) - 1) // stride for n, k, stride, pad, dilation
