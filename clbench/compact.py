@@ -208,8 +208,8 @@ PER_SAMPLE_MIN_POSITIONS = 100
 # positions lie a multiple of 4 KiB apart ran 1.16-8.53 times as long as the same one
 # reading a zero channel more per sample, the copy that adds it included; at odd multiples
 # of 2 KiB 0.67-4.04 times (`benchmarks/grouped_strides.py`, batches of 32-128, one
-# thread): what the convolution reads together falls into the same few sets of the L1
-# cache. Each sample's channels get that zero channel there.
+# thread), likely as what the convolution reads together falls into the same few sets of
+# the L1 cache. Each sample's channels get that zero channel there.
 ALIASED_STRIDE_BYTES = 4096
 
 
