@@ -19,16 +19,15 @@ import torch.nn.functional as F
 
 from clbench.benchmarking import (benchmark_parser, best_and_median_ms, interleaved_times, machine_columns,
                                   machine_line, torch_threads, write_csv)
-from clbench.compact import ALIASED_STRIDE_BYTES, with_zero_channel
+from clbench.compact import aliased, with_zero_channel
 
 COLUMNS = ["batch", "size", "in_channels", "out_channels", "stride_bytes", "aliased", "execution", "best_ms",
            "median_ms", "as_is_over_zero_channel", "rounds", "repeats", "machine", "cores", "torch_threads", "python",
            "torch", "avalanche", "clbench_commit"]
 
 
-def executions(batch: int, size: int, in_channels: int, out_channels: int) -> dict:
-    values = torch.randn(1, batch * in_channels, size, size).to(memory_format=torch.channels_last)
-    weight = torch.randn(batch * out_channels, in_channels, 3, 3)
+def executions(values: torch.Tensor, batch: int, out_channels: int) -> dict:
+    weight = torch.randn(batch * out_channels, values.shape[1] // batch, 3, 3)
     padded_weight = F.pad(weight, (0, 0, 0, 0, 0, 1))
     return {"as_is": lambda: F.conv2d(values, weight, padding=1, groups=batch),
             "zero_channel": lambda: F.conv2d(with_zero_channel(values, batch), padded_weight, padding=1,
@@ -49,12 +48,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with torch_threads(args.threads), torch.no_grad():
         machine = machine_columns()
         for batch, size, in_channels in product(batches, sizes, channels):
-            times = interleaved_times(executions(batch, size, in_channels, args.out_channels), rounds, repeats)
-            stride = batch * in_channels * torch.float32.itemsize
+            values = torch.randn(1, batch * in_channels, size, size).to(memory_format=torch.channels_last)
+            times = interleaved_times(executions(values, batch, args.out_channels), rounds, repeats)
+            stride = batch * in_channels * values.element_size()
             for name, measured in times.items():
                 rows.append({"batch": batch, "size": size, "in_channels": in_channels,
                              "out_channels": args.out_channels, "stride_bytes": stride,
-                             "aliased": stride % ALIASED_STRIDE_BYTES == 0, "execution": name,
+                             "aliased": aliased(values), "execution": name,
                              **best_and_median_ms(measured),
                              "as_is_over_zero_channel": round(min(times["as_is"]) / min(times["zero_channel"]), 2),
                              "rounds": rounds, "repeats": repeats, **machine})

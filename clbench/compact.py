@@ -213,6 +213,12 @@ PER_SAMPLE_MIN_POSITIONS = 100
 ALIASED_STRIDE_BYTES = 4096
 
 
+def aliased(values: torch.Tensor) -> bool:
+    """Whether the positions of `SampleChannels.values` (channels-last) lie a multiple of
+    ALIASED_STRIDE_BYTES apart."""
+    return values.shape[1] * values.element_size() % ALIASED_STRIDE_BYTES == 0
+
+
 def with_zero_channel(values: torch.Tensor, groups: int) -> torch.Tensor:
     """`SampleChannels.values` (1 x (groups * n) x H x W, channels-last) with a zero channel
     after each group's n."""
@@ -270,7 +276,7 @@ class CompactConv:
         weight = self.weight.flatten(0, 1).index_select(0, pairs).view(-1, x.index.shape[1], *self.weight.shape[2:])
         bias = None if self.bias is None else self.bias[out_index].flatten()
         values = x.values
-        if values.shape[1] * values.element_size() % ALIASED_STRIDE_BYTES == 0:
+        if aliased(values):
             values, weight = with_zero_channel(values, len(out_index)), F.pad(weight, (0, 0, 0, 0, 0, 1))
         return F.conv2d(values, weight, bias, groups=len(out_index), **self.conv)
 

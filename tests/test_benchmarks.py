@@ -83,7 +83,7 @@ def test_channel_counts_benchmark_writes_its_table(tmp_path):
 
 def test_grouped_strides_benchmark_times_each_stride_as_it_is_and_with_a_zero_channel(tmp_path, monkeypatch):
     strides = benchmark("grouped_strides")
-    monkeypatch.setattr(strides, "ALIASED_STRIDE_BYTES", 32)  # the tiny size's strides: 32 and 64 bytes
+    monkeypatch.setattr(compact, "ALIASED_STRIDE_BYTES", 32)  # the tiny size's strides: 32 and 64 bytes
     padded = []
     monkeypatch.setattr(strides, "with_zero_channel", lambda values, groups: padded.append(values.shape) or
                         compact.with_zero_channel(values, groups))
@@ -93,7 +93,7 @@ def test_grouped_strides_benchmark_times_each_stride_as_it_is_and_with_a_zero_ch
                                                              (4, "zero_channel")]
     assert list(table.stride_bytes) == [32, 32, 64, 64] and table.aliased.all()
     assert (table.best_ms > 0).all() and (table.best_ms <= table.median_ms).all()
-    monkeypatch.setattr(strides, "ALIASED_STRIDE_BYTES", 64)
+    monkeypatch.setattr(compact, "ALIASED_STRIDE_BYTES", 64)
     assert [row["aliased"] for row in strides.main(["--tiny", "--output", str(tmp_path / "again.csv")])] == \
         [False, False, True, True]
 
